@@ -1,0 +1,231 @@
+"""Model configuration: the one place for shapes, parameter names, presets and cost estimates.
+
+Every other module (MLX model, NumPy reference, planner, benchmarks) asks this module how big a
+model is, what its parameters are called, how many FLOPs a token costs and how much memory
+training needs; none of them restates those facts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import TinyLMError
+
+MLP_KINDS = ("swiglu", "relu2")
+BYTES_PER_PARAM_TRAINING = 16  # fp32 weights + grads + AdamW m and v
+FLOAT_BYTES = 4
+
+
+class ConfigError(TinyLMError, ValueError):
+    """A configuration that cannot describe a model; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-style decoder (pre-norm RMSNorm, RoPE, SwiGLU or ReLU² MLP, no biases)."""
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    context_length: int = 256
+    mlp: str = "swiglu"
+    mlp_hidden: int | None = None  # None: 8/3·d for SwiGLU, 4·d for ReLU², rounded up to 32
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----- derived shapes ---------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        """MLP hidden width actually used."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        # SwiGLU has three matrices, so 8/3·d keeps its cost equal to a 4·d two-matrix MLP.
+        raw = 8 * self.d_model / 3 if self.mlp == "swiglu" else 4 * self.d_model
+        return int(math.ceil(raw / 32) * 32)
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "context_length"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
+        need(self.mlp in MLP_KINDS, f"mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
+        need(self.d_model % self.n_heads == 0,
+             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        need(self.head_dim % 2 == 0, f"head dimension d_model/n_heads must be even for RoPE, "
+             f"got {self.head_dim}")
+        need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
+             f"mlp_hidden must be a positive integer or null, got {self.mlp_hidden!r}")
+        need(isinstance(self.tie_embeddings, bool),
+             f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("rope_base", "norm_eps", "init_std"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and math.isfinite(value) and value > 0,
+                 f"{name} must be a positive number, got {value!r}")
+
+    # ----- parameters -------------------------------------------------------------------------
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter; these are the safetensors names used everywhere.
+
+        The names follow mlx-lm's Llama layout so a checkpoint reads like one.
+        """
+        d, h, v = self.d_model, self.hidden, self.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (d,)
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shapes[p + f"self_attn.{proj}.weight"] = (d, d)
+            shapes[p + "post_attention_layernorm.weight"] = (d,)
+            if self.mlp == "swiglu":
+                shapes[p + "mlp.gate_proj.weight"] = (h, d)
+            shapes[p + "mlp.up_proj.weight"] = (h, d)
+            shapes[p + "mlp.down_proj.weight"] = (d, h)
+        shapes["model.norm.weight"] = (d,)
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (v, d)
+        return shapes
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(s) for s in self.param_shapes().values())
+
+    @property
+    def n_embedding_params(self) -> int:
+        return self.vocab_size * self.d_model
+
+    @property
+    def n_non_embedding_params(self) -> int:
+        """Parameters outside the token embedding (and outside an untied head)."""
+        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        return self.n_params - self.n_embedding_params - head
+
+    def flops_per_token(self, context: int | None = None) -> int:
+        """Training FLOPs per token: 6·(non-embedding + head params) + 12·layers·context·d_model."""
+        t = self.context_length if context is None else context
+        head = self.vocab_size * self.d_model
+        return 6 * (self.n_non_embedding_params + head) + 12 * self.n_layers * t * self.d_model
+
+    def activation_bytes(self, batch_size: int, context: int | None = None) -> int:
+        """Rough float32 activations kept for the backward pass of one batch.
+
+        Per token and layer: residual, two norm outputs, q, k, v, attention output and the o_proj
+        input (~10·d), the MLP intermediates (~3·hidden), and attention scores and probabilities
+        (2·heads·context, since CPU attention materialises them); plus logits, softmax and their
+        gradient (3·vocab) per token at the head.
+        """
+        t = self.context_length if context is None else context
+        per_layer = 10 * self.d_model + 3 * self.hidden + 2 * self.n_heads * t
+        per_token = self.n_layers * per_layer + 3 * self.vocab_size
+        return FLOAT_BYTES * batch_size * t * per_token
+
+    def training_memory_bytes(self, batch_size: int, context: int | None = None) -> int:
+        """Estimated training memory: 16 bytes/param (weights, grads, Adam m, v) + activations."""
+        return BYTES_PER_PARAM_TRAINING * self.n_params + self.activation_bytes(batch_size, context)
+
+    # ----- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"model config is not valid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_json(Path(path).read_text())
+
+    def with_(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated)."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings shared by every engine (MLX, NumPy reference, PyTorch benchmark)."""
+
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only; norm gains are not decayed
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(math.isfinite(self.lr) and self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
+        need(self.grad_clip >= 0, f"gradient clip must be >= 0, got {self.grad_clip}")
+
+
+# Named sizes from ~0.3M to ~30M parameters at the default 4096-token vocabulary.
+PRESETS: dict[str, ModelConfig] = {
+    "nano": ModelConfig(d_model=64, n_layers=2, n_heads=2),
+    "micro": ModelConfig(d_model=96, n_layers=3, n_heads=3),
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_heads=4),
+    "mini": ModelConfig(d_model=192, n_layers=4, n_heads=6),
+    "small": ModelConfig(d_model=256, n_layers=6, n_heads=8),
+    "medium": ModelConfig(d_model=384, n_layers=8, n_heads=6),
+    "base": ModelConfig(d_model=512, n_layers=8, n_heads=8),
+}
+DEFAULT_PRESET = "tiny"
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset; a ConfigError listing the choices for an unknown name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def format_count(n: float) -> str:
+    """1234567 -> '1.23M' (parameters, tokens)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,249 @@
+"""The MLX GPT: a small Llama-style decoder.
+
+    tokens -> embed_tokens -> n_layers × Block -> norm -> lm_head (tied to embed_tokens) -> logits
+    Block(x) = x + Attention(RMSNorm(x));  x + MLP(RMSNorm(x))
+
+Attention uses rotary position embeddings (the non-interleaved "rotate half" layout that Llama
+checkpoints use) and a causal mask. The MLP is SwiGLU, or ReLU² — which is far cheaper than SiLU on
+MLX's CPU backend. There are no biases. `reference.py` is the same model in NumPy, name for name.
+
+Initialisation: every matrix ~ N(0, init_std); the two projections that write into the residual
+stream (o_proj, down_proj) use init_std / sqrt(2 · n_layers) so the residual variance stays about
+constant with depth (GPT-2); norm gains start at 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelConfig, OptimConfig
+
+RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.rope_base = cfg.rope_base
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def rope(self, x: mx.array, offset: int) -> mx.array:
+        # Frequencies are derived from the config on every call, never stored: nothing to go stale.
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0,
+                            offset=offset)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, T, _ = x.shape
+
+        def heads(t: mx.array) -> mx.array:  # (B, T, d) -> (B, heads, T, head_dim)
+            return t.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        offset = 0 if cache is None else cache.offset
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        # One query (decoding) sees every cached key, so it needs no mask.
+        mask = "causal" if q.shape[2] > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.kind == "swiglu":
+            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(mx.square(nn.relu(self.up_proj(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = [Block(cfg) for _ in range(cfg.n_layers)]
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i])
+        return self.norm(x)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Transformer(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """Logits (B, T, vocab) for int tokens (B, T)."""
+        h = self.model(tokens, cache)
+        if self.config.tie_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """The stated initialisation (module docstring); `seed` makes it reproducible."""
+        key = mx.random.key(seed) if seed is not None else None
+        cfg = self.config
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        new = {}
+        for name, shape in cfg.param_shapes().items():
+            if len(shape) == 1:
+                new[name] = mx.ones(shape)
+                continue
+            std = residual_std if any(p in name for p in RESIDUAL_PROJECTIONS) else cfg.init_std
+            if key is not None:
+                key, sub = mx.random.split(key)
+                new[name] = std * mx.random.normal(shape, key=sub)
+            else:
+                new[name] = std * mx.random.normal(shape)
+        self.update(tree_unflatten(list(new.items())))
+        mx.eval(self.parameters())
+
+    def named_weights(self) -> dict[str, mx.array]:
+        """Flat name -> array dict (the safetensors names)."""
+        return dict(tree_flatten(self.parameters()))
+
+    def load_named_weights(self, weights: dict[str, mx.array]) -> None:
+        """Load a flat name -> array dict; names and shapes must match the config exactly."""
+        expected = self.config.param_shapes()
+        missing = sorted(set(expected) - set(weights))
+        extra = sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(f"weights do not match the config: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        for name, shape in expected.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"weight {name} has shape {tuple(weights[name].shape)}, "
+                                 f"config expects {shape}")
+        self.update(tree_unflatten([(k, weights[k].astype(mx.float32)) for k in expected]))
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, grown in chunks."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        B, H, T, D = k.shape
+        if self.keys is None or self.offset + T > self.keys.shape[2]:
+            grow = ((T + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, D), k.dtype)
+            new_v = mx.zeros((B, H, grow, D), v.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+        self.keys[..., self.offset : self.offset + T, :] = k
+        self.values[..., self.offset : self.offset + T, :] = v
+        self.offset += T
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+
+def make_cache(model: GPT) -> list[KVCache]:
+    return [KVCache() for _ in model.model.layers]
+
+
+def loss_fn(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Mean next-token cross-entropy in nats."""
+    logits = model(inputs)
+    return nn.losses.cross_entropy(logits, targets, reduction="mean")
+
+
+# ----- optimizer and compiled step -------------------------------------------------------------
+
+def make_optimizer(opt: OptimConfig) -> optim.Optimizer:
+    """AdamW with bias correction; weight decay on matrices only (not on norm gains)."""
+
+    def adamw(weight_decay: float) -> optim.AdamW:
+        return optim.AdamW(opt.lr, betas=list(opt.betas), eps=opt.eps, weight_decay=weight_decay,
+                           bias_correction=True)
+
+    return optim.MultiOptimizer([adamw(opt.weight_decay), adamw(0.0)],
+                                [lambda path, weight: weight.ndim >= 2])
+
+
+TrainStep = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
+def make_train_step(model: GPT, optimizer: optim.Optimizer, grad_clip: float,
+                    compile: bool = True) -> TrainStep:
+    """step(inputs, targets) -> (loss, grad_norm): forward, backward, clip, AdamW update.
+
+    Model and optimizer state are inputs and outputs of the compiled graph, so one `mx.eval`
+    of (loss, grad_norm, state) per step runs the whole update. Set `optimizer.learning_rate`
+    before a call to change the learning rate; it is part of the state, so nothing recompiles.
+    The returned grad_norm is the norm before clipping.
+    """
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = loss_and_grad(model, inputs, targets)
+        if grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        return loss, norm
+
+    if not compile:
+        return step
+    state = [model.state, optimizer.state]
+    return partial(mx.compile, inputs=state, outputs=state)(step)
