@@ -154,7 +154,8 @@ def save_checkpoint(run_dir: Path, weights: dict[str, np.ndarray],
     """Write weights, optimizer state and loop state as one atomic checkpoint, then export the
     weights to the run folder's model.safetensors for sampling."""
     run_dir = Path(run_dir)
-    new, cur, old = run_dir / (CHECKPOINT + ".new"), run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    cur = run_dir / CHECKPOINT
+    new, old = cur.with_name(CHECKPOINT + ".new"), cur.with_name(CHECKPOINT + ".old")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     try:
@@ -244,8 +245,8 @@ def run_lock(run_dir: Path, warn: Any = None) -> Iterator[None]:
             except (OSError, ValueError):
                 pid = 0
             if pid and _pid_alive(pid) and pid != os.getpid():
-                raise CheckpointError(f"{run_dir} is in use by another training process (PID {pid}); "
-                                      "wait for it or choose another --out") from None
+                raise CheckpointError(f"{run_dir} is in use by another training process "
+                                      f"(PID {pid}); wait for it or choose another --out") from None
             if warn is not None:
                 warn(f"taking over a stale lock in {run_dir} (PID {pid or '?'} is gone)")
             path.unlink(missing_ok=True)

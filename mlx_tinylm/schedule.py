@@ -27,7 +27,8 @@ class Schedule:
         if not (0 <= self.warmup < 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
             raise TinyLMError("warm-up and decay fractions must lie in [0, 1] and sum to at most 1")
         if not (0 <= self.final_frac <= 1):
-            raise TinyLMError(f"final learning-rate fraction must be in [0, 1], got {self.final_frac}")
+            raise TinyLMError("final learning-rate fraction must be in [0, 1], "
+                              f"got {self.final_frac}")
 
     def __call__(self, fraction: float) -> float:
         """Learning rate at `fraction` ∈ [0, 1] of the budget (clamped outside)."""

@@ -245,7 +245,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
     if len(train_tokens) <= cfg.context_length + 1:
         raise TinyLMError(f"the training split has {len(train_tokens)} tokens, fewer than one "
-                          f"window of {cfg.context_length + 1}; use more text or a shorter --context")
+                          f"window of {cfg.context_length + 1}; use more text or a shorter "
+                          "--context")
 
     state = LoopState()
     weights = optimizer = None
@@ -312,7 +313,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     try:
         with StopFlag() as stop:
             if spec.resume:
-                reporter.message(f"resumed at step {state.step} ({state.elapsed:.0f}s of budget used)")
+                reporter.message(f"resumed at step {state.step} "
+                                 f"({state.elapsed:.0f}s of budget used)")
             while True:
                 if kind == "time" and state.elapsed >= (t.minutes or 0) * 60:
                     break
@@ -377,7 +379,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     sample = sample_text(engine, data, DEFAULT_PROMPT, 120, t.seed) if t.sample_tokens else ""
     summary = {
         "run_dir": str(run_dir), "engine": spec.engine, "params": cfg.n_params,
-        "steps": state.step, "tokens": state.tokens, "tokens_per_param": state.tokens / cfg.n_params,
+        "steps": state.step, "tokens": state.tokens,
+        "tokens_per_param": state.tokens / cfg.n_params,
         "train_seconds": state.elapsed, "tok_s": tok_s,
         "mfu": tok_s * flops_per_token / (peak_gflops * 1e9), "final_lr": lr,
         "train_loss": state.losses[-1] if state.losses else None,
@@ -414,7 +417,8 @@ A {cfg.n_params / 1e6:.2f}M-parameter Llama-style GPT trained with mlx-tinylm
 | metric | value |
 |---|---|
 | tokens trained | {summary['tokens']:,} ({summary['tokens_per_param']:.1f} per parameter) |
-| training time | {summary['train_seconds']:.1f} s at {summary['tok_s']:,.0f} tok/s (MFU {summary['mfu']:.1%}) |
+| training time | {summary['train_seconds']:.1f} s |
+| throughput | {summary['tok_s']:,.0f} tok/s (MFU {summary['mfu']:.1%}) |
 | validation loss | {summary['val_loss']:.4f} |
 | validation perplexity | {summary['val_ppl']:.2f} |
 | validation bits per byte | {summary['val_bpb']:.4f} |
@@ -426,3 +430,89 @@ Sample (prompt "{DEFAULT_PROMPT}"):
 Sample again with `{summary['sample_command']}`.
 """
     (run_dir / "README.md").write_text(card)
+
+
+# ----- from user options to a run ----------------------------------------------------------------
+
+def resolve_engine(name: str, cfg: ModelConfig, batch_size: int) -> str:
+    """'auto' -> MLX on a GPU; on a CPU, whichever engine measures faster for this model."""
+    if name != "auto":
+        return name
+    from .device import device_name
+
+    if device_name() != "CPU":
+        return "mlx"
+    try:
+        from .bench import fastest_engine
+    except ImportError:
+        return "mlx"
+    return fastest_engine(cfg, batch_size, cfg.context_length)
+
+
+def load_data(data: str | None = None, files: list[str] | None = None,
+              val_files: list[str] | None = None, dataset: str | None = None,
+              vocab_size: int | None = None, progress: bool = True) -> PreparedData:
+    """Prepared data from a folder, local files or a hub dataset (prepared once, then cached)."""
+    from .data import DEFAULT_DATASET, load_prepared, prepare
+
+    if data is not None:
+        if files or dataset:
+            raise TinyLMError("use only one of --data, --files and --dataset")
+        return load_prepared(data)
+    kwargs: dict[str, Any] = {"progress": progress}
+    if vocab_size is not None:
+        kwargs["vocab_size"] = vocab_size
+    if files:
+        if dataset:
+            raise TinyLMError("use only one of --files and --dataset")
+        return prepare(files=files, val_files=val_files or None, **kwargs)
+    return prepare(dataset=dataset or DEFAULT_DATASET, **kwargs)
+
+
+def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
+    """The spec and data of an interrupted run, read back from its run folder."""
+    from .data import load_prepared
+
+    if out is None:
+        raise TinyLMError("--resume needs --out RUN_DIR (the run folder to continue)")
+    run_dir = Path(out)
+    saved = checkpoint.read_config(run_dir)
+    if checkpoint.checkpoint_dir(run_dir) is None:
+        raise TinyLMError(f"{run_dir} has no checkpoint to resume from (the run stopped "
+                          "before its first save); start it again without --resume")
+    try:
+        spec = RunSpec(run_dir=run_dir, model=ModelConfig.from_dict(saved["model"]),
+                       optim=OptimConfig(**{**saved["optim"],
+                                            "betas": tuple(saved["optim"]["betas"])}),
+                       train=TrainConfig(**saved["train"]), engine=saved["engine"],
+                       preset=saved.get("preset", "custom"), resume=True)
+        data_path = saved["data"]["path"]
+    except (KeyError, TypeError) as err:
+        raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete ({err}); "
+                          "it cannot be resumed") from None
+    return spec, load_prepared(data_path)
+
+
+def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], optim: OptimConfig,
+               train_cfg: TrainConfig, out: str | Path | None, force: bool = False) -> RunSpec:
+    """Resolve model shape, engine and run folder for a new run; check it fits in memory."""
+    from .config import preset as get_preset
+    from .device import available_memory_bytes
+
+    base = get_preset(preset)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    model = base.with_(vocab_size=data.tokenizer.vocab_size, **changes)
+    needed = model.training_memory_bytes(train_cfg.batch_size)
+    available = available_memory_bytes()
+    if available and needed > available and not force:
+        raise TinyLMError(f"this model needs about {needed / 2**30:.1f} GiB to train but "
+                          f"{available / 2**30:.1f} GiB is available; choose a smaller model or "
+                          "batch, or pass --force")
+    engine = resolve_engine(train_cfg.engine, model, train_cfg.batch_size)
+    name = preset if not changes else f"{preset}-custom"
+    run_dir = Path(out) if out is not None else Path("models") / default_run_name(name)
+    if checkpoint.checkpoint_dir(run_dir) is not None:
+        raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "
+                          "another --out")
+    return RunSpec(run_dir=run_dir, model=model, optim=optim, train=train_cfg, engine=engine,
+                   preset=preset)
