@@ -218,6 +218,7 @@ class TrainConfig:
     eval_batches: int = 8  # fixed validation subset size, in batches
     checkpoint_every_minutes: float = 2.0
     sample_tokens: int = 48  # length of the sample continuation shown at each evaluation
+    log_every_s: float = 0.5  # how often a step is logged and drawn
     engine: str = "auto"
 
     def __post_init__(self) -> None:

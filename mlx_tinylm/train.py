@@ -341,7 +341,7 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
                     window_tokens += tokens_per_step
                     window_time += dt
                 now = time.monotonic()
-                if now - last_report >= 0.5 or last:
+                if now - last_report >= t.log_every_s or last:
                     tok_s = window_tokens / window_time if window_time else tokens_per_step / dt
                     record = {"event": "step", "step": state.step, "tokens": state.tokens,
                               "elapsed": state.elapsed, "loss": loss, "lr": lr,
