@@ -94,7 +94,8 @@ def test_timed_run_learns_writes_a_complete_run_folder_and_ends_annealed(prepare
 
 def test_steps_run_ends_at_final_learning_rate(prepared, tmp_path):
     rec = Recorder()
-    training.train(make_spec(prepared, tmp_path / "run", steps=12, final_lr_frac=0.1), prepared, rec)
+    spec = make_spec(prepared, tmp_path / "run", steps=12, final_lr_frac=0.1)
+    training.train(spec, prepared, rec)
     assert rec.steps[-1]["step"] == 12
     assert rec.steps[-1]["lr"] == pytest.approx(3e-4)
 
@@ -117,7 +118,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(prepared, tmp_
     training.train(spec, data, Recorder())
     _, _, resumed = checkpoint.load_checkpoint(part.run_dir)
     assert len(resumed["loop"]["losses"]) == 30
-    for a, b in zip(ref_state["loop"]["losses"], resumed["loop"]["losses"]):
+    for a, b in zip(ref_state["loop"]["losses"], resumed["loop"]["losses"], strict=True):
         assert abs(a - b) <= 1e-6
 
 
@@ -186,5 +187,6 @@ def test_resume_without_a_checkpoint_says_so(prepared, tmp_path):
 def test_metrics_log_is_json_lines(prepared, tmp_path):
     spec = make_spec(prepared, tmp_path / "run", steps=5)
     training.train(spec, prepared, Recorder())
-    records = [json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     assert {r["event"] for r in records} >= {"step", "final"}
