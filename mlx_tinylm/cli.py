@@ -49,6 +49,67 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     Console().print(table)
 
 
+# ----- train -------------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    minutes: float = typer.Option(None, help="Wall-clock budget in minutes (default 5)."),
+    steps: int = typer.Option(None, help="Train for this many steps instead of a time budget."),
+    tokens: int = typer.Option(None, help="Train on this many tokens instead of a time budget."),
+    data: str = typer.Option(None, help="A prepared data folder (tinylm data prepare)."),
+    files: list[str] = typer.Option(None, help="Local text files to train on (.txt/.jsonl/.json/"
+                                    ".parquet)."),
+    val_files: list[str] = typer.Option(None, help="Validation files for --files."),
+    dataset: str = typer.Option(None, help="Hub dataset (default roneneldan/TinyStories)."),
+    preset: str = typer.Option(None, help="Model size preset (see tinylm presets)."),
+    d_model: int = typer.Option(None, "--d-model", help="Override the preset's width."),
+    layers: int = typer.Option(None, help="Override the preset's depth."),
+    heads: int = typer.Option(None, help="Override the preset's attention heads."),
+    context: int = typer.Option(None, help="Override the preset's context length."),
+    mlp: str = typer.Option(None, help="MLP kind: swiglu or relu2."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(None, help="Peak learning rate."),
+    out: str = typer.Option(None, help="Run folder (default models/<timestamp>-<preset>)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
+    seed: int = typer.Option(0, help="Seed for initialisation and batches."),
+    engine: str = typer.Option("auto", help="auto, mlx or numpy."),
+    checkpoint_every: float = typer.Option(None, help="Minutes between checkpoints."),
+    eval_every: float = typer.Option(None, help="Budget seconds between validations."),
+    force: bool = typer.Option(False, help="Train even if it may not fit in memory."),
+    dashboard: bool = typer.Option(True, help="Live dashboard on a terminal."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
+) -> None:
+    """Train a model for a wall-clock budget (default 5 minutes), then evaluate and sample."""
+    from dataclasses import replace
+
+    from . import train as training
+    from .config import DEFAULT_PRESET, OptimConfig, TrainConfig
+    from .dashboard import make_reporter
+
+    budgets = [b for b in (minutes, steps, tokens) if b is not None]
+    if len(budgets) > 1:
+        fail("give only one of --minutes, --steps and --tokens")
+    train_cfg = TrainConfig(minutes=minutes if minutes is not None else 5.0, steps=steps,
+                            tokens=tokens, seed=seed, engine=engine)
+    changes = {"batch_size": batch_size, "checkpoint_every_minutes": checkpoint_every,
+               "eval_every_s": eval_every}
+    train_cfg = replace(train_cfg, **{k: v for k, v in changes.items() if v is not None})
+    optim = OptimConfig() if lr is None else OptimConfig(lr=lr)
+    reporter = make_reporter(dashboard, as_json)
+    if resume:
+        spec, prepared = training.resume_spec(out)
+    else:
+        prepared = training.load_data(data, files, val_files, dataset, progress=not as_json)
+        overrides = {"d_model": d_model, "n_layers": layers, "n_heads": heads,
+                     "context_length": context, "mlp": mlp}
+        spec = training.build_spec(prepared, preset=preset or DEFAULT_PRESET, overrides=overrides,
+                                   optim=optim, train_cfg=train_cfg, out=out, force=force)
+    try:
+        training.train(spec, prepared, reporter)
+    finally:
+        reporter.close()
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:
