@@ -11,12 +11,7 @@ on between context/2 and context tokens, the prefill cost is paid once per conte
 positions never leave the trained range. The recompute path (`use_cache=False`) runs the model over
 exactly the same window, so both paths give the same logits (tested).
 
-Samplers are small functions from logits to logits (NumPy, float64) and compose in this order:
-repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. Truncation runs on the
-model's own (penalised) distribution, before temperature, so a high temperature only reshapes the
-tokens the model already finds plausible and cannot bring the long tail back. Temperature 0 is
-greedy (argmax), independent of the seed. Draws use a seeded NumPy generator, so a seed reproduces
-a sample on every backend.
+The samplers live in sampling.py (NumPy only); generation draws each token with `sample_next`.
 """
 
 from __future__ import annotations
@@ -26,6 +21,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import mlx.core as mx
@@ -33,141 +29,11 @@ import numpy as np
 
 from .errors import TinyLMError
 from .model import GPT, KVCache, make_cache
-
-
-class SamplingError(TinyLMError, ValueError):
-    """Sampling settings that cannot be used; the message names the setting and the valid range."""
+from .sampling import SamplerConfig, SamplingError, sample_next
 
 
 class GenerationError(TinyLMError):
     """Generation cannot go on (for example the model produced non-finite logits)."""
-
-
-# ----- samplers --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How the next token is chosen from the logits.
-
-    The defaults stop tiny models from looping: a 1–10M-parameter model's greedy or pure-sampling
-    output falls into repeated phrases ("and they were happy. They were happy. They ..."). A
-    repetition penalty of 1.15 over the last 64 tokens makes a just-used token markedly less likely
-    without banning the function words and punctuation every sentence needs; top-p 0.95 and min-p
-    0.05 cut the long tail of junk tokens that pure sampling picks up; temperature 0.8 keeps the
-    story coherent while leaving enough variety that two samples differ.
-    """
-
-    temperature: float = 0.8
-    top_k: int = 0  # 0: off
-    top_p: float = 0.95  # 1: off
-    min_p: float = 0.05  # 0: off
-    repetition_penalty: float = 1.15  # 1: off
-    repetition_window: int = 64
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise SamplingError(msg)
-
-        def number(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-        def integer(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        need(number(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        need(integer(self.top_k) and self.top_k >= 0,
-             f"top-k must be an integer >= 0 (0 turns it off), got {self.top_k}")
-        need(number(self.top_p) and 0 < self.top_p <= 1,
-             f"top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
-        need(number(self.min_p) and 0 <= self.min_p <= 1,
-             f"min-p must be in [0, 1] (0 turns it off), got {self.min_p}")
-        need(number(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
-        need(integer(self.repetition_window) and self.repetition_window >= 0,
-             f"repetition window must be an integer >= 0, got {self.repetition_window}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def apply_repetition_penalty(logits: np.ndarray, recent: Sequence[int],
-                             penalty: float) -> np.ndarray:
-    """Make each token in `recent` less likely (penalty > 1) or more likely (< 1).
-
-    The usual rule (CTRL, Hugging Face, llama.cpp), so familiar values mean the same here: a
-    positive logit is divided by the penalty, a negative one multiplied by it.
-    """
-    if penalty == 1 or len(recent) == 0:
-        return logits
-    out = logits.copy()
-    ids = np.unique(np.asarray(recent, dtype=np.int64))
-    seen = out[ids]
-    out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
-    return out
-
-
-def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Keep the k largest logits (exactly k, ties broken by index); 0 keeps everything."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    keep = np.argpartition(-logits, k - 1)[:k]
-    out = np.full_like(logits, -np.inf)
-    out[keep] = logits[keep]
-    return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - np.max(logits)
-    e = np.exp(z)
-    return e / e.sum()
-
-
-def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep the nucleus: the fewest most-likely tokens whose probabilities sum to at least p."""
-    if p >= 1:
-        return logits
-    probs = softmax(logits)
-    order = np.argsort(-probs, kind="stable")
-    cumulative = np.cumsum(probs[order])
-    n_keep = min(int(np.searchsorted(cumulative, p, side="left")) + 1, len(order))
-    out = np.full_like(logits, -np.inf)
-    keep = order[:n_keep]
-    out[keep] = logits[keep]
-    return out
-
-
-def apply_min_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Keep tokens whose probability is at least p times the most likely token's."""
-    if p <= 0:
-        return logits
-    # prob_i >= p * prob_max  <=>  logit_i >= logit_max + ln p  (no softmax needed)
-    return np.where(logits >= np.max(logits) + math.log(p), logits, -np.inf)
-
-
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Divide by the temperature (> 0); below 1 sharpens, above 1 flattens."""
-    return logits if temperature == 1 else logits / temperature
-
-
-def sample_next(logits: np.ndarray, recent: Sequence[int], cfg: SamplerConfig,
-                rng: np.random.Generator) -> int:
-    """One token id from one row of logits, by the composition in the module docstring."""
-    logits = np.asarray(logits, dtype=np.float64)
-    window = recent[-cfg.repetition_window:] if cfg.repetition_window else ()
-    logits = apply_repetition_penalty(logits, window, cfg.repetition_penalty)
-    if cfg.greedy:
-        return int(np.argmax(logits))
-    logits = apply_top_k(logits, cfg.top_k)
-    logits = apply_top_p(logits, cfg.top_p)
-    logits = apply_min_p(logits, cfg.min_p)
-    probs = softmax(apply_temperature(logits, cfg.temperature))
-    # Inverse-CDF draw: one uniform number per token keeps the random stream easy to reason about.
-    cumulative = np.cumsum(probs)
-    index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-    return min(index, len(probs) - 1)
 
 
 # ----- next-token logits inside the context window --------------------------------------------
@@ -239,6 +105,12 @@ class GenerationStats:
     def generation_tok_s(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds else 0.0
 
+    def summary(self) -> str:
+        """One line for stderr."""
+        return (f"[{self.prompt_tokens} prompt tokens at {self.prefill_tok_s:,.0f} tok/s, "
+                f"{self.generated_tokens} generated at {self.generation_tok_s:,.1f} tok/s, "
+                f"stop: {self.stop_reason}, seed {self.seed}]")
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["prefill_tok_s"] = round(self.prefill_tok_s, 1)
@@ -246,7 +118,7 @@ class GenerationStats:
         return out
 
 
-def _check_max_tokens(max_tokens: int) -> None:
+def check_max_tokens(max_tokens: int) -> None:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
         raise SamplingError(f"max-tokens must be a positive integer, got {max_tokens}")
 
@@ -265,7 +137,7 @@ def generate_tokens(model: GPT, prompt: Sequence[int], max_tokens: int,
     Stops after `max_tokens`, or after yielding `eos_id` when `stop_at_eos`. `seed=None` draws a
     fresh seed (recorded in `stats`); temperature 0 ignores it.
     """
-    _check_max_tokens(max_tokens)
+    check_max_tokens(max_tokens)
     if len(prompt) == 0:
         raise ValueError("the prompt must hold at least one token (use the end-of-document id)")
     sampler = sampler or SamplerConfig()
@@ -347,7 +219,7 @@ def generate(model: GPT, tokenizer: Any, prompt: str | Sequence[int] = "",
     """
     from .tokenizer import StreamingDecoder
 
-    _check_max_tokens(max_tokens)
+    check_max_tokens(max_tokens)
     context = prompt_tokens(tokenizer, prompt)
     decoder = StreamingDecoder(tokenizer)
     for token in context[1:]:  # so the first new word gets its leading space right
@@ -364,3 +236,187 @@ def generate(model: GPT, tokenizer: Any, prompt: str | Sequence[int] = "",
     if rest:
         yield Piece(None, rest)
 
+
+
+# ----- loading a run and evaluating it ---------------------------------------------------------
+
+class LoadError(TinyLMError):
+    """A run folder that cannot be loaded; the message names the file and what to do."""
+
+
+def load(run_dir: str | Path) -> tuple[GPT, Any]:
+    """(model, tokenizer) of a run folder, ready to sample from or evaluate.
+
+    Only parameters are read from model.safetensors, and they must match config.json name for
+    name and shape; everything derived from the config (RoPE frequencies, the causal mask) is
+    recomputed by the model, never read from disk, so a stale or missing table cannot poison it.
+    """
+    from . import checkpoint
+    from .config import ModelConfig
+    from .tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    try:
+        raw = checkpoint.read_config(run_dir)
+    except checkpoint.CheckpointError as err:
+        raise LoadError(str(err)) from None
+    try:
+        cfg = ModelConfig.from_dict(raw["model"])
+    except TinyLMError as err:
+        raise LoadError(f"{run_dir / checkpoint.CONFIG} has an invalid model section: "
+                        f"{err}") from None
+    weights_path, tokenizer_path = run_dir / checkpoint.WEIGHTS, run_dir / checkpoint.TOKENIZER
+    for path, what in ((weights_path, "weights"), (tokenizer_path, "tokenizer")):
+        if not path.is_file():
+            raise LoadError(f"{run_dir} has no {path.name} ({what}); is the run finished? "
+                            "A run writes it at its first checkpoint")
+    try:
+        weights = checkpoint.load_arrays(weights_path)
+    except checkpoint.CheckpointError as err:
+        raise LoadError(str(err)) from None
+
+    model = GPT(cfg)
+    try:
+        model.load_named_weights({k: mx.array(v) for k, v in weights.items()})
+    except ValueError as err:
+        raise LoadError(f"{weights_path} does not match {checkpoint.CONFIG}: {err}") from None
+    bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise LoadError(f"{weights_path} holds NaN or infinite values (in {bad[0]}); the run "
+                        "diverged: train again with a lower --lr")
+    mx.eval(model.parameters())
+
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path)
+    except TinyLMError as err:
+        raise LoadError(f"{tokenizer_path}: {err}") from None
+    except Exception as err:  # sentencepiece reports a bad model file as a RuntimeError
+        raise LoadError(f"{tokenizer_path} is not a readable tokenizer ({err})") from None
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LoadError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{cfg.vocab_size}; the tokenizer belongs to another run")
+    return model, tokenizer
+
+
+def evaluate(model: GPT, tokens: np.ndarray, n_bytes: int, context: int | None = None,
+             batch_size: int = 16) -> dict[str, float | int]:
+    """Exact next-token loss over a token array: every target once, in fixed windows.
+
+    Returns {"loss", "ppl", "bpb", "tokens", "bytes"}: mean nats per token, exp(loss), total nats
+    over (ln 2 × n_bytes), the number of predicted tokens and the bytes the text had.
+    """
+    import mlx.nn as nn
+
+    from .data import eval_batches
+
+    context = model.config.context_length if context is None else context
+    if not 1 <= context <= model.config.context_length:
+        raise TinyLMError(f"evaluation context must be in [1, {model.config.context_length}], "
+                          f"got {context}")
+    if len(tokens) < 2:
+        raise TinyLMError(f"need at least 2 tokens to evaluate, got {len(tokens)}")
+    if n_bytes <= 0:
+        raise TinyLMError(f"the evaluated text must have a positive byte count, got {n_bytes}")
+
+    def batch_nats(x: mx.array, y: mx.array, mask: mx.array) -> mx.array:
+        losses = nn.losses.cross_entropy(model(x), y, reduction="none")
+        return mx.sum(losses * mask)
+
+    total, count = 0.0, 0
+    for x, y, mask in eval_batches(tokens, context, batch_size):
+        nats = batch_nats(mx.array(x), mx.array(y), mx.array(mask, dtype=mx.float32))
+        total += float(nats.item())  # summed per batch in float32, across batches in float64
+        count += int(np.sum(mask))
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": total / (math.log(2) * n_bytes),
+            "tokens": count, "bytes": int(n_bytes)}
+
+
+EOD_LINE = "<|endoftext|>"
+
+
+def read_documents(path: str | Path) -> tuple[list[str], bool]:
+    """(documents, separated) of a UTF-8 text file: split at lines that are exactly
+    `<|endoftext|>` when it has any (separated=True), else the whole file as one running text."""
+    path = Path(path)
+    if not path.is_file():
+        raise TinyLMError(f"{path} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TinyLMError(f"{path} is not UTF-8 text") from None
+    except OSError as err:
+        raise TinyLMError(f"cannot read {path}: {err.strerror or err}") from None
+    lines = text.split("\n")
+    if not any(line.rstrip("\r") == EOD_LINE for line in lines):
+        return ([text] if text.strip() else []), False
+    docs, current = [], []
+    for line in lines:
+        if line.rstrip("\r") == EOD_LINE:
+            docs.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("\n".join(current))
+    return [d.strip("\n") for d in docs if d.strip()], True
+
+
+def encode_files(tokenizer: Any, files: Sequence[str | Path]) -> tuple[np.ndarray, int]:
+    """(tokens, UTF-8 bytes) of text files, laid out as the model saw documents in training.
+
+    Each document is preceded by end-of-document and, when the file marks its documents, followed
+    by it too, so every token of every document is a prediction target, and so is each document's
+    end. The byte count is that of the documents' text (the separator lines are not text).
+    """
+    ids: list[int] = []
+    n_bytes = 0
+    for path in files:
+        docs, separated = read_documents(path)
+        if not docs:
+            raise TinyLMError(f"{path} has no text to evaluate")
+        for doc in docs:
+            if not ids or ids[-1] != tokenizer.eos_id:
+                ids.append(tokenizer.eos_id)
+            ids.extend(tokenizer.encode(doc))
+            if separated:
+                ids.append(tokenizer.eos_id)
+            n_bytes += len(doc.encode("utf-8"))
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    return np.asarray(ids, dtype=dtype), n_bytes
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path | None = None,
+                 files: Sequence[str | Path] | None = None,
+                 batch_size: int = 16) -> dict[str, float | int]:
+    """Exact metrics of a run on text files, a prepared data folder's validation split, or (with
+    neither) the validation split of the data the run was trained on."""
+    from . import checkpoint
+    from .data import load_prepared
+
+    if data is not None and files:
+        raise TinyLMError("give either --data or --files, not both")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TinyLMError(f"batch size must be a positive integer, got {batch_size}")
+    model, tokenizer = load(run_dir)
+    if files:
+        tokens, n_bytes = encode_files(tokenizer, files)
+    else:
+        if data is None:
+            data = checkpoint.read_config(Path(run_dir)).get("data", {}).get("path")
+            if not data or not Path(data).is_dir():
+                raise TinyLMError(f"the data {run_dir} was trained on is not at {data!r} any "
+                                  "more; pass --data DIR or --files PATH")
+        prepared = load_prepared(data)
+        if not _same_file(Path(prepared.tokenizer.model_path),
+                          Path(run_dir) / checkpoint.TOKENIZER):
+            raise TinyLMError(f"{data} was tokenised with a different tokenizer than {run_dir}; "
+                              "evaluate raw text with --files instead")
+        tokens, n_bytes = prepared.tokens("val"), prepared.n_bytes("val")
+    return evaluate(model, tokens, n_bytes, batch_size=batch_size)

@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 
 from mlx_tinylm.config import ModelConfig
-from mlx_tinylm.generate import (
-    GenerationError,
-    NextTokenLogits,
+from mlx_tinylm.generate import GenerationError, NextTokenLogits, generate_tokens
+from mlx_tinylm.model import GPT
+from mlx_tinylm.sampling import (
     SamplerConfig,
     SamplingError,
     apply_min_p,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    generate_tokens,
     sample_next,
     softmax,
 )
-from mlx_tinylm.model import GPT
 
 # A large init_std gives peaked, position-dependent logits, so a wrong cache entry or a wrong RoPE
 # position moves them by far more than the tolerance.
