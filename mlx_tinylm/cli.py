@@ -179,6 +179,95 @@ def _expand_multi_value_flags(argv: list[str]) -> list[str]:
     return out
 
 
+# ----- sample and eval ---------------------------------------------------------------------------
+
+def _sampling_defaults():  # the one place for them is sampling.SamplerConfig (no MLX import)
+    from .sampling import SamplerConfig
+
+    return SamplerConfig()
+
+
+@app.command()
+def sample(
+    run_dir: str = typer.Argument(..., help="A run folder (models/<run>)."),
+    prompt: str = typer.Option(None, help="Text to continue; without it, prompts are read from "
+                               "stdin, one per line. An empty prompt starts a new story."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="New tokens per sample at most."),
+    temperature: float = typer.Option(_sampling_defaults().temperature,
+                                      help="0 is greedy; lower is safer, higher more varied."),
+    top_k: int = typer.Option(_sampling_defaults().top_k, "--top-k", help="Keep the k most "
+                              "likely tokens (0: off)."),
+    top_p: float = typer.Option(_sampling_defaults().top_p, "--top-p", help="Keep the smallest "
+                                "set of tokens with this much probability (1: off)."),
+    min_p: float = typer.Option(_sampling_defaults().min_p, "--min-p", help="Drop tokens less "
+                                "likely than this times the most likely one (0: off)."),
+    repetition_penalty: float = typer.Option(_sampling_defaults().repetition_penalty,
+                                             "--repetition-penalty",
+                                             help="Penalise tokens of the last 64 (1: off)."),
+    seed: int = typer.Option(None, help="Seed for reproducible samples (default: a fresh one, "
+                             "reported on stderr)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt."),
+    no_stop: bool = typer.Option(False, "--no-stop", help="Keep going past end-of-document."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per sample instead of "
+                                 "streamed text."),
+) -> None:
+    """Stream samples from a trained model, token by token."""
+    from . import generate as gen
+    from .sampling import SamplerConfig
+
+    sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty)
+    gen.check_max_tokens(max_tokens)
+    if num_samples <= 0:
+        fail(f"--num-samples must be a positive integer, got {num_samples}")
+    model, tokenizer = gen.load(run_dir)
+    prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
+    first = True
+    for text in prompts:
+        for k in range(num_samples):
+            stats = gen.GenerationStats()
+            pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
+                                  None if seed is None else seed + k, not no_stop, stats=stats)
+            if as_json:
+                out = "".join(pieces)
+                typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
+                continue
+            if not first:
+                sys.stdout.write("\n")
+            first = False
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            typer.echo(stats.summary(), err=True)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: str = typer.Argument(..., help="A run folder (models/<run>)."),
+    data: str = typer.Option(None, help="A prepared data folder: evaluate its validation split."),
+    files: list[str] = typer.Option(None, help="Text files to evaluate (.txt: documents split at "
+                                    "<|endoftext|> lines, else one running text)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Exact loss, perplexity and bits per byte over every token of held-out text.
+
+    Without --data or --files: the validation split of the data the run was trained on.
+    """
+    from .generate import evaluate_run
+
+    metrics = evaluate_run(run_dir, data, files, batch_size)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    typer.echo(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.3f}  bpb {metrics['bpb']:.4f}  "
+               f"({metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes)")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:
