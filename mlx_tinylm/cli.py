@@ -75,7 +75,7 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialisation and batches."),
     engine: str = typer.Option("auto", help="auto, mlx or numpy."),
     checkpoint_every: float = typer.Option(None, help="Minutes between checkpoints."),
-    eval_every: float = typer.Option(None, help="Budget seconds between validations."),
+    eval_every: float = typer.Option(None, help="Fraction of the budget between validations."),
     force: bool = typer.Option(False, help="Train even if it may not fit in memory."),
     dashboard: bool = typer.Option(True, help="Live dashboard on a terminal."),
     as_json: bool = typer.Option(False, "--json", help="Print the final summary as JSON."),
@@ -93,7 +93,7 @@ def train(
     train_cfg = TrainConfig(minutes=minutes if minutes is not None else 5.0, steps=steps,
                             tokens=tokens, seed=seed, engine=engine)
     changes = {"batch_size": batch_size, "checkpoint_every_minutes": checkpoint_every,
-               "eval_every_s": eval_every}
+               "eval_every": eval_every}
     train_cfg = replace(train_cfg, **{k: v for k, v in changes.items() if v is not None})
     optim = OptimConfig() if lr is None else OptimConfig(lr=lr)
     reporter = make_reporter(dashboard, as_json)

@@ -214,7 +214,7 @@ class TrainConfig:
     warmup: float = 0.03  # fractions of the budget (see schedule.py)
     decay: float = 0.4
     final_lr_frac: float = 0.0
-    eval_every_s: float = 30.0  # periodic validation, in budget seconds (or fraction for steps)
+    eval_every: float = 0.1  # periodic validation, as a fraction of the budget
     eval_batches: int = 8  # fixed validation subset size, in batches
     checkpoint_every_minutes: float = 2.0
     sample_tokens: int = 48  # length of the sample continuation shown at each evaluation
@@ -235,6 +235,7 @@ class TrainConfig:
              f"got {self.engine!r}")
         need(self.checkpoint_every_minutes > 0, "checkpoint interval must be > 0")
         need(self.eval_batches > 0, "eval_batches must be > 0")
+        need(0 < self.eval_every <= 1, f"--eval-every must be in (0, 1], got {self.eval_every}")
 
     @property
     def budget_kind(self) -> str:

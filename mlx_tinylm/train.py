@@ -259,7 +259,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
         sampler.load_state_dict(state.sampler)
     if not spec.resume:
         (run_dir / checkpoint.METRICS).unlink(missing_ok=True)
-    checkpoint.write_config(run_dir, run_config(spec, data))
+    config = run_config(spec, data)
+    checkpoint.write_config(run_dir, config)
     _copy_tokenizer(data, run_dir)
 
     # The matmul peak for MFU, measured once here, outside the budget.
@@ -272,8 +273,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
 
     reporter.start({
         "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
-        "device": run_config(spec, data)["device"], "params": cfg.n_params, "model": cfg.to_dict(),
-        "budget": {"time": f"{t.minutes:g} min", "steps": f"{t.steps} steps",
+        "device": config["device"], "params": cfg.n_params, "model": cfg.to_dict(),
+        "budget": {"time": f"{t.minutes} min", "steps": f"{t.steps} steps",
                    "tokens": f"{t.tokens} tokens"}[kind],
         "resumed_at_step": state.step if spec.resume else None,
         "train_tokens": len(train_tokens), "peak_gflops": peak_gflops,
@@ -305,9 +306,7 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     last_sampler_state = sampler.state_dict() if not state.sampler else state.sampler
     step_time, wait_total, lr = 0.0, 0.0, schedule(0.0)
     window_tokens, window_time = 0, 0.0
-    eval_every = t.eval_every_s if kind == "time" else 0.1  # fraction of the budget otherwise
-    next_eval = _progress(kind, t, state) * (t.minutes or 1) * 60 + eval_every \
-        if kind == "time" else _progress(kind, t, state) + eval_every
+    next_eval = (math.floor(_progress(kind, t, state) / t.eval_every) + 1) * t.eval_every
     last_save = time.monotonic()
     last_report = 0.0
     try:
@@ -352,10 +351,9 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
                     log(record)
                     reporter.step(record)
                     last_report = now
-                progress_mark = state.elapsed if kind == "time" else _progress(kind, t, state)
-                if progress_mark >= next_eval and not last:
+                if _progress(kind, t, state) >= next_eval and not last:
                     periodic_eval()
-                    next_eval += eval_every
+                    next_eval += t.eval_every
                 if stop.signal is not None:
                     reporter.message("interrupted: saving a checkpoint (resume with --resume)")
                     save()

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, assert_clean_failure, run_cli
 
 import mlx_tinylm  # noqa: F401  (sets up BLAS before MLX)
 from mlx_tinylm import checkpoint
@@ -21,8 +22,6 @@ from mlx_tinylm import train as training
 from mlx_tinylm.config import OptimConfig, TrainConfig
 from mlx_tinylm.dashboard import PlainLog
 from mlx_tinylm.schedule import Schedule
-
-from .conftest import ROOT, assert_clean_failure, run_cli
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "context_length": 32}
 TINY_FLAGS = ["--d-model", "32", "--layers", "2", "--heads", "2", "--context", "32",
@@ -69,7 +68,7 @@ def test_schedule_warms_up_holds_and_ends_at_final_value():
 
 
 def test_timed_run_learns_writes_a_complete_run_folder_and_ends_annealed(prepared, tmp_path):
-    spec = make_spec(prepared, tmp_path / "run", minutes=0.12, steps=None, eval_every_s=2.0)
+    spec = make_spec(prepared, tmp_path / "run", minutes=0.12, steps=None, eval_every=0.25)
     rec = Recorder()
     summary = training.train(spec, prepared, rec)
     losses = [m["loss"] for m in rec.steps]
@@ -130,7 +129,7 @@ def test_huge_learning_rate_stops_with_a_clear_message(prepared, tmp_path):
 
 
 def test_numpy_engine_completes_a_short_run(prepared, tmp_path):
-    spec = make_spec(prepared, tmp_path / "run", engine="numpy", steps=6)
+    spec = make_spec(prepared, tmp_path / "run", engine="numpy", steps=6, eval_every=0.5)
     rec = Recorder()
     summary = training.train(spec, prepared, rec)
     assert summary["engine"] == "numpy" and summary["steps"] == 6
