@@ -111,9 +111,10 @@ def _expand_multi_value_flags(argv: list[str]) -> list[str]:
     flag = None
     for arg in argv:
         if arg.startswith("-"):
-            flag = arg if arg in MULTI_VALUE_FLAGS else None
+            name = arg.split("=", 1)[0]
+            flag = name if name in MULTI_VALUE_FLAGS else None
             out.append(arg)
-        elif flag is not None and out[-1] != flag:
+        elif flag is not None and out[-1] != flag:  # a further value: repeat the flag
             out += [flag, arg]
         else:
             out.append(arg)

@@ -154,15 +154,19 @@ def load_prepared(path: str | Path) -> PreparedData:
     if meta is None:
         raise TinyLMError(f"{path} is not a prepared data folder (no valid {META_FILE}); "
                           "run `tinylm data prepare`")
-    tokenizer = Tokenizer.load(path / meta["tokenizer"]["file"])
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        info = meta["splits"][split]
-        file = path / info["file"]
-        expected = info["tokens"] * itemsize
-        if not file.is_file() or file.stat().st_size != expected:
-            raise TinyLMError(f"{file} is missing or not {expected} bytes long; the prepared "
-                              "folder is damaged: re-run `tinylm data prepare --force`")
+    try:
+        tokenizer = Tokenizer.load(path / meta["tokenizer"]["file"])
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            info = meta["splits"][split]
+            file = path / info["file"]
+            expected = int(info["tokens"]) * itemsize
+            if not file.is_file() or file.stat().st_size != expected:
+                raise TinyLMError(f"{file} is missing or not {expected} bytes long; the prepared "
+                                  "folder is damaged: re-run `tinylm data prepare --force`")
+    except (KeyError, TypeError, ValueError) as err:
+        raise TinyLMError(f"{path / META_FILE} is incomplete ({type(err).__name__}: {err}); "
+                          "re-run `tinylm data prepare --force`") from None
     return PreparedData(path=path, meta=meta, tokenizer=tokenizer)
 
 
@@ -521,6 +525,10 @@ def prepare(files: Iterable[str | Path] | None = None,
     DEFAULT_HUB_MAX_TOKENS, local files are used whole. Caps stop at a document boundary (at a
     line end inside a long running text), and each split keeps at least its first document.
     """
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if isinstance(val_files, (str, Path)):
+        val_files = [val_files]
     files = [Path(f) for f in files] if files else []
     val_files = [Path(f) for f in val_files] if val_files else []
     if files and dataset:

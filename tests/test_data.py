@@ -240,6 +240,11 @@ def test_damaged_folder_is_refused_and_rebuilt(files, tmp_path):
     assert not rebuilt.cache_hit and rebuilt.n_tokens("train") > 1000
     with pytest.raises(TinyLMError, match="not a prepared data folder"):
         load_prepared(tmp_path / "missing")
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["splits"]["val"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TinyLMError, match="incomplete"):
+        load_prepared(out)
 
 
 def test_interrupted_prepare_leaves_no_usable_looking_folder(tmp_path):
