@@ -51,6 +51,29 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     Console().print(table)
 
 
+@app.command()
+def presets(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """The named model sizes: shape, parameters, FLOPs per token, training memory."""
+    from .config import DEFAULT_PRESET, PRESETS, format_count, preset_summary
+
+    rows = {name: preset_summary(name) for name in PRESETS}
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"presets (default: {DEFAULT_PRESET})", title_justify="left")
+    for col in ("name", "d_model", "layers", "heads", "context", "params", "FLOPs/token",
+                "memory (batch 32)"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for name, r in rows.items():
+        table.add_row(name, str(r["d_model"]), str(r["n_layers"]), str(r["n_heads"]),
+                      str(r["context_length"]), format_count(r["params"]),
+                      format_count(r["flops_per_token"]), f"{r['memory_bytes'] / 2**20:,.0f} MiB")
+    Console().print(table)
+
+
 # ----- train -------------------------------------------------------------------------------------
 
 @app.command()
