@@ -187,7 +187,8 @@ def train(
                                     ".parquet)."),
     val_files: list[str] = typer.Option(None, help="Validation files for --files."),
     dataset: str = typer.Option(None, help="Hub dataset (default roneneldan/TinyStories)."),
-    preset: str = typer.Option(None, help="Model size preset (see tinylm presets)."),
+    preset: str = typer.Option("auto", help="Model size preset (tinylm presets), or auto: "
+                               "the planner's pick for this machine and budget."),
     d_model: int = typer.Option(None, "--d-model", help="Override the preset's width."),
     layers: int = typer.Option(None, help="Override the preset's depth."),
     heads: int = typer.Option(None, help="Override the preset's attention heads."),
@@ -209,7 +210,7 @@ def train(
     from dataclasses import replace
 
     from . import train as training
-    from .config import DEFAULT_PRESET, OptimConfig, TrainConfig
+    from .config import OptimConfig, TrainConfig
     from .dashboard import make_reporter
 
     budgets = [b for b in (minutes, steps, tokens) if b is not None]
@@ -228,8 +229,9 @@ def train(
         prepared = training.load_data(data, files, val_files, dataset, progress=not as_json)
         overrides = {"d_model": d_model, "n_layers": layers, "n_heads": heads,
                      "context_length": context, "mlp": mlp}
-        spec = training.build_spec(prepared, preset=preset or DEFAULT_PRESET, overrides=overrides,
-                                   optim=optim, train_cfg=train_cfg, out=out, force=force)
+        spec = training.build_spec(prepared, preset=preset, overrides=overrides, optim=optim,
+                                   train_cfg=train_cfg, out=out, force=force,
+                                   reporter_message=reporter.message)
     try:
         training.train(spec, prepared, reporter)
     finally:

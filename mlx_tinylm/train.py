@@ -32,6 +32,7 @@ from .schedule import Schedule
 
 LN2 = math.log(2.0)
 DEFAULT_PROMPT = "Once upon a time"
+AUTO_PRESET = "auto"
 
 
 class TrainingDiverged(TinyLMError):
@@ -492,13 +493,18 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
 
 
 def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], optim: OptimConfig,
-               train_cfg: TrainConfig, out: str | Path | None, force: bool = False) -> RunSpec:
+               train_cfg: TrainConfig, out: str | Path | None, force: bool = False,
+               reporter_message: Any = None) -> RunSpec:
     """Resolve model shape, engine and run folder for a new run; check it fits in memory."""
     from .config import preset as get_preset
     from .device import available_memory_bytes
 
-    base = get_preset(preset)
     changes = {k: v for k, v in overrides.items() if v is not None}
+    extra: dict[str, Any] = {}
+    if preset == AUTO_PRESET:
+        base, train_cfg, extra = _auto_preset(data, train_cfg, changes, reporter_message)
+    else:
+        base = get_preset(preset)
     model = base.with_(vocab_size=data.tokenizer.vocab_size, **changes)
     needed = model.training_memory_bytes(train_cfg.batch_size)
     available = available_memory_bytes()
@@ -513,4 +519,25 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
         raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "
                           "another --out")
     return RunSpec(run_dir=run_dir, model=model, optim=optim, train=train_cfg, engine=engine,
-                   preset=preset)
+                   preset=preset, extra=extra)
+
+
+def _auto_preset(data: PreparedData, train_cfg: TrainConfig, changes: dict[str, Any],
+                 message: Any) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """`--preset auto`: the planner's pick for a time budget (measured once per device and
+    budget, then cached); the default preset when a shape flag or a step/token budget is given."""
+    from dataclasses import replace
+
+    from .config import DEFAULT_PRESET
+    from .config import preset as get_preset
+    from .plan import cached_plan
+
+    if changes or train_cfg.budget_kind != "time":
+        return get_preset(DEFAULT_PRESET), train_cfg, {}
+    if message is not None:
+        message("planning the model size for this machine and budget (once; then cached)")
+    plan = cached_plan(train_cfg.minutes or 5.0, train_cfg.engine, data.tokenizer.vocab_size)
+    base = ModelConfig.from_dict(plan["pick_config"])
+    train_cfg = replace(train_cfg, batch_size=plan["pick"]["batch_size"])
+    return base, train_cfg, {"plan": {"pick": plan["pick"], "command": plan["command"],
+                                      "engine": plan["engine"], "date": plan["date"]}}
