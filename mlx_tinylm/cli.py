@@ -212,14 +212,16 @@ def sample(
                                  "streamed text."),
 ) -> None:
     """Stream samples from a trained model, token by token."""
-    from . import generate as gen
-    from .sampling import SamplerConfig
+    from .sampling import SamplerConfig, check_max_tokens
 
+    # Bad flags fail before MLX is even imported.
     sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty)
-    gen.check_max_tokens(max_tokens)
+                            repetition_penalty=repetition_penalty)
+    check_max_tokens(max_tokens)
     if num_samples <= 0:
         fail(f"--num-samples must be a positive integer, got {num_samples}")
+    from . import generate as gen
+
     model, tokenizer = gen.load(run_dir)
     prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
     first = True
