@@ -18,16 +18,19 @@ from conftest import DATA, ROOT, assert_clean_failure, run_cli
 
 from mlx_tinylm import checkpoint
 from mlx_tinylm.config import ModelConfig
+from mlx_tinylm.errors import TinyLMError
 from mlx_tinylm.generate import (
     GenerationStats,
     LoadError,
     encode_files,
     evaluate,
+    evaluate_run,
     generate,
     load,
 )
 from mlx_tinylm.model import GPT
 from mlx_tinylm.sampling import SamplerConfig
+from mlx_tinylm.tokenizer import train_tokenizer
 
 
 def _documents(n_bytes: int) -> list[str]:
@@ -159,9 +162,10 @@ def test_cli_sample_streams_text_and_reports_speed_on_stderr(run_dir):
     assert again.stdout == r.stdout
 
 
-def test_cli_sample_reads_prompts_from_stdin_and_prints_json(run_dir):
+def test_cli_sample_reads_prompts_from_stdin_and_prints_json_without_stopping(run_dir):
     r = subprocess.run([sys.executable, "-m", "mlx_tinylm", "sample", str(run_dir),
-                        "--max-tokens", "8", "--json", "--num-samples", "2", "--seed", "0"],
+                        "--max-tokens", "8", "--json", "--num-samples", "2", "--seed", "0",
+                        "--no-stop"],
                        input="The cat\n\n", capture_output=True, text=True, timeout=180,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
@@ -169,7 +173,8 @@ def test_cli_sample_reads_prompts_from_stdin_and_prints_json(run_dir):
     assert [row["prompt"] for row in rows] == ["The cat", "The cat", "", ""]
     assert [row["seed"] for row in rows] == [0, 1, 0, 1]
     for row in rows:
-        assert 1 <= row["generated_tokens"] <= 8 and row["generation_tok_s"] > 0
+        assert row["generated_tokens"] == 8 and row["stop_reason"] == "max_tokens"
+        assert row["generation_tok_s"] > 0 and row["prompt_tokens"] >= 1
         assert isinstance(row["text"], str)
 
 
@@ -245,3 +250,14 @@ def test_cli_refuses_a_broken_run_folder_in_one_line(run_dir, tmp_path, how):
 ])
 def test_cli_refuses_bad_sampling_flags_in_one_line(run_dir, flags, word):
     assert_clean_failure(run_cli("sample", str(run_dir), "--prompt", "Hi", *flags), word)
+
+
+def test_eval_of_a_prepared_folder_covers_its_validation_split(run_dir, prepared, tmp_path):
+    got = evaluate_run(run_dir, data=prepared.path)
+    assert got["tokens"] == prepared.n_tokens("val") - 1
+    assert got["bytes"] == prepared.n_bytes("val")
+    # The same folder evaluated by a run with another tokenizer would be meaningless: refused.
+    other = copy_run(run_dir, tmp_path)
+    train_tokenizer(_documents(20_000), 400, other / checkpoint.TOKENIZER)
+    with pytest.raises(TinyLMError, match="different tokenizer"):
+        evaluate_run(other, data=prepared.path)
