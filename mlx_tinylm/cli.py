@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from .config import ModelConfig
 from .errors import TinyLMError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -128,10 +129,10 @@ def data_prepare(
         None, "--val-files", help="Validation files (default: hold out --val-fraction)."),
     text_column: str = typer.Option("text", help="Text field of .json/.jsonl/.parquet/hub rows."),
     vocab_size: int | None = typer.Option(
-        None, help="Tokenizer vocabulary size (default 4096, see README)."),
+        None, help=f"Tokenizer vocabulary size (default {ModelConfig.vocab_size})."),
     val_fraction: float = typer.Option(0.02, help="Share of documents held out for validation."),
     max_tokens: int | None = typer.Option(
-        None, help="Cap on training tokens (hub default 270M; files: whole)."),
+        None, help="Cap on training tokens (hub default: 3x a fast 5-minute run; files: all)."),
     max_bytes: int | None = typer.Option(
         None, help="Cap on training text bytes read."),
     out: Path | None = typer.Option(
@@ -171,9 +172,10 @@ def _expand_multi_value_flags(argv: list[str]) -> list[str]:
     flag = None
     for arg in argv:
         if arg.startswith("-"):
-            flag = arg if arg in MULTI_VALUE_FLAGS else None
+            name = arg.split("=", 1)[0]
+            flag = name if name in MULTI_VALUE_FLAGS else None
             out.append(arg)
-        elif flag is not None and out[-1] != flag:
+        elif flag is not None and out[-1] != flag:  # a further value: repeat the flag
             out += [flag, arg]
         else:
             out.append(arg)

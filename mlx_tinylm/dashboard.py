@@ -140,7 +140,9 @@ class Dashboard:
                 loss_chart(self.train_points, self.val_points,
                            width=max(20, min(70, self.console.width - 14)))]
         if self.sample:
-            body += [Text(""), Panel(Text(self.sample), title="sample", title_align="left")]
+            sample = Text(self.info.get("prompt", ""), style="dim")
+            sample.append(self.sample)
+            body += [Text(""), Panel(sample, title="sample", title_align="left")]
         for msg in self.messages:
             body.append(Text(msg, style="yellow"))
         title = (f"[bold]{info.get('run', '')}[/bold] · {info.get('device', '')} · "

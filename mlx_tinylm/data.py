@@ -16,14 +16,17 @@ and the targets of a split encode exactly the split's text bytes — bpb needs t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
 import shutil
 import socket
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -151,15 +154,19 @@ def load_prepared(path: str | Path) -> PreparedData:
     if meta is None:
         raise TinyLMError(f"{path} is not a prepared data folder (no valid {META_FILE}); "
                           "run `tinylm data prepare`")
-    tokenizer = Tokenizer.load(path / meta["tokenizer"]["file"])
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split in SPLITS:
-        info = meta["splits"][split]
-        file = path / info["file"]
-        expected = info["tokens"] * itemsize
-        if not file.is_file() or file.stat().st_size != expected:
-            raise TinyLMError(f"{file} is missing or not {expected} bytes long; the prepared "
-                              "folder is damaged: re-run `tinylm data prepare --force`")
+    try:
+        tokenizer = Tokenizer.load(path / meta["tokenizer"]["file"])
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            info = meta["splits"][split]
+            file = path / info["file"]
+            expected = int(info["tokens"]) * itemsize
+            if not file.is_file() or file.stat().st_size != expected:
+                raise TinyLMError(f"{file} is missing or not {expected} bytes long; the prepared "
+                                  "folder is damaged: re-run `tinylm data prepare --force`")
+    except (KeyError, TypeError, ValueError) as err:
+        raise TinyLMError(f"{path / META_FILE} is incomplete ({type(err).__name__}: {err}); "
+                          "re-run `tinylm data prepare --force`") from None
     return PreparedData(path=path, meta=meta, tokenizer=tokenizer)
 
 
@@ -220,6 +227,41 @@ def _check_file(path: Path) -> _FileSource:
     return _FileSource(path, kind, size, digest.hexdigest())
 
 
+@contextlib.contextmanager
+def _datasets_without_torch() -> Iterator[Any]:
+    """`datasets`, kept from importing PyTorch (2+ s here) just to build a streaming dataset.
+
+    An IterableDataset shares a counter through torch whenever torch is installed, for
+    DataLoader workers we never use. The flag is restored afterwards, and left alone when torch
+    is already imported (then it costs nothing).
+    """
+    import datasets
+
+    skip = "torch" not in sys.modules and datasets.config.TORCH_AVAILABLE
+    if skip:
+        datasets.config.TORCH_AVAILABLE = False
+    try:
+        yield datasets
+    finally:
+        if skip:
+            datasets.config.TORCH_AVAILABLE = True
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Silence `datasets`' own log lines (it logs parse errors before raising them); we report
+    every failure ourselves, as one line."""
+    import datasets  # noqa: F401  (its import sets the level we override)
+
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _clean(doc: str) -> str:
     return doc.strip("\r\n") if doc.strip() else ""
 
@@ -229,10 +271,9 @@ def _text_file_documents(source: _FileSource) -> Iterator[tuple[str, bool]]:
 
     A file without any separator line is one running text.
     """
-    import datasets
-
-    ds = datasets.load_dataset("text", data_files=str(source.path), split="train",
-                               streaming=True, keep_linebreaks=True, encoding="utf-8")
+    with _datasets_without_torch() as datasets:
+        ds = datasets.load_dataset("text", data_files=str(source.path), split="train",
+                                   streaming=True, keep_linebreaks=True, encoding="utf-8")
     lines: list[str] = []
     separated = False
     for batch in ds.iter(batch_size=READ_BATCH_ROWS):
@@ -253,10 +294,9 @@ def _text_file_documents(source: _FileSource) -> Iterator[tuple[str, bool]]:
 
 
 def _table_file_documents(source: _FileSource, text_column: str) -> Iterator[tuple[str, bool]]:
-    import datasets
-
-    ds = datasets.load_dataset(source.kind, data_files=str(source.path), split="train",
-                               streaming=True)
+    with _datasets_without_torch() as datasets:
+        ds = datasets.load_dataset(source.kind, data_files=str(source.path), split="train",
+                                   streaming=True)
     for batch in ds.iter(batch_size=READ_BATCH_ROWS):
         yield from ((text, False) for text in _column(batch, text_column, str(source.path)))
 
@@ -332,12 +372,16 @@ def _probe_hub(name: str, timeout: float = 5.0) -> None:
 
 
 def _hub_documents(name: str, text_column: str) -> tuple[Iterator[str], Iterator[str] | None, str]:
-    """Streaming (train, validation or None, validation split name) documents of a hub dataset."""
-    _probe_hub(name)
-    import datasets
+    """Streaming (train, validation or None, validation split name) documents of a hub dataset.
 
+    `datasets` also accepts a local folder of data files here (split names from file names); that
+    needs no network, so it skips the probe.
+    """
+    if not Path(name).is_dir():
+        _probe_hub(name)
     try:
-        splits = datasets.load_dataset(name, streaming=True)
+        with _datasets_without_torch() as datasets:
+            splits = datasets.load_dataset(name, streaming=True)
     except ConnectionError as err:
         raise _hub_unreachable(name, _first_line(err)) from None
     except FileNotFoundError as err:  # DatasetNotFoundError is one
@@ -481,6 +525,10 @@ def prepare(files: Iterable[str | Path] | None = None,
     DEFAULT_HUB_MAX_TOKENS, local files are used whole. Caps stop at a document boundary (at a
     line end inside a long running text), and each split keeps at least its first document.
     """
+    if isinstance(files, (str, Path)):
+        files = [files]
+    if isinstance(val_files, (str, Path)):
+        val_files = [val_files]
     files = [Path(f) for f in files] if files else []
     val_files = [Path(f) for f in val_files] if val_files else []
     if files and dataset:
@@ -523,8 +571,9 @@ def prepare(files: Iterable[str | Path] | None = None,
     tmp = _make_temp_folder(out)
     try:
         start = time.perf_counter()
-        meta = _build(tmp, train_sources, val_sources, dataset, text_column, vocab_size,
-                      val_fraction, max_tokens, max_bytes, progress)
+        with _quiet_datasets():
+            meta = _build(tmp, train_sources, val_sources, dataset, text_column, vocab_size,
+                          val_fraction, max_tokens, max_bytes, progress)
         meta.update(key=key, settings=settings, seconds=round(time.perf_counter() - start, 3),
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -636,11 +685,14 @@ def _build(tmp: Path, train_sources: list[_FileSource], val_sources: list[_FileS
                 for cap in (max_tokens, max_bytes)]
     dtype = token_dtype(vocab_size)
     content = hashlib.blake2b(digest_size=16)
-    with _Progress(progress, total_bytes) as bar:
+    clock = {"start": time.perf_counter()}
+    with _Progress(progress, total_bytes) as bar, contextlib.ExitStack() as open_files:
         writers = {
             "train": _SplitWriter(tmp / "train.bin", dtype, max_tokens, max_bytes, bar.advance),
             "val": _SplitWriter(tmp / "val.bin", dtype, *val_caps, bar.advance),
         }
+        for w in writers.values():
+            open_files.callback(w.file.close)  # also on errors, before the folder is removed
 
         def routed() -> Iterator[tuple[str, str, bool]]:
             """(split, piece, ends_document) in reading order, stopping once the caps are met."""
@@ -682,7 +734,9 @@ def _build(tmp: Path, train_sources: list[_FileSource], val_sources: list[_FileS
         if not sample:
             raise TinyLMError(_empty_split_message("training", val_items is None))
         bar.describe("training tokenizer")
+        clock["sample_read"] = time.perf_counter()
         tokenizer = train_tokenizer(sample, vocab_size, tmp / TOKENIZER_FILE)
+        clock["tokenizer_trained"] = time.perf_counter()
         bar.describe("tokenizing")
         for w in writers.values():
             w.tokenizer = tokenizer
@@ -692,6 +746,7 @@ def _build(tmp: Path, train_sources: list[_FileSource], val_sources: list[_FileS
             writers[split].add(piece, ends)
         for w in writers.values():
             w.close()
+        clock["written"] = time.perf_counter()
 
     for split, w in writers.items():
         if w.documents == 0:
@@ -717,6 +772,11 @@ def _build(tmp: Path, train_sources: list[_FileSource], val_sources: list[_FileS
         "splits": {split: {"file": w.path.name, "documents": w.documents, "tokens": w.tokens,
                            "bytes": w.bytes, "capped": w.full}
                    for split, w in writers.items()},
+        "phase_seconds": {  # reading overlaps encoding after the tokenizer sample
+            "read_tokenizer_sample": round(clock["sample_read"] - clock["start"], 3),
+            "train_tokenizer": round(clock["tokenizer_trained"] - clock["sample_read"], 3),
+            "read_encode_write": round(clock["written"] - clock["tokenizer_trained"], 3),
+        },
     }
 
 

@@ -74,7 +74,9 @@ class MlxEngine:
         def token_losses(inputs: mx.array, targets: mx.array) -> mx.array:
             return nn.losses.cross_entropy(model(inputs), targets, reduction="none")
 
-        self._token_losses = mx.compile(token_losses) if compile else token_losses
+        # The weights must be compile inputs, or the trace would freeze them as constants.
+        self._token_losses = (mx.compile(token_losses, inputs=[model.state]) if compile
+                              else token_losses)
 
     def step(self, inputs: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
         mx = self.mx

@@ -277,7 +277,7 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
         "budget": {"time": f"{t.minutes} min", "steps": f"{t.steps} steps",
                    "tokens": f"{t.tokens} tokens"}[kind],
         "resumed_at_step": state.step if spec.resume else None,
-        "train_tokens": len(train_tokens), "peak_gflops": peak_gflops,
+        "train_tokens": len(train_tokens), "peak_gflops": peak_gflops, "prompt": DEFAULT_PROMPT,
     })
 
     def log(record: dict[str, Any]) -> None:

@@ -159,6 +159,25 @@ def test_jsonl_and_parquet_are_read_through_datasets(train_docs, tmp_path):
     assert sorted(got) == sorted(train_docs)
 
 
+def test_dataset_streams_its_own_splits_within_the_token_budget(train_docs, val_docs, tmp_path):
+    # The --dataset path, run offline: `datasets` streams a local folder just like a hub repo.
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name, docs in (("train", train_docs), ("validation", val_docs)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                      for d in docs))
+    whole = prepare(dataset=str(folder), vocab_size=VOCAB, out=tmp_path / "w", progress=False)
+    assert documents_of(whole, "train") == train_docs
+    assert documents_of(whole, "val") == val_docs  # the dataset's own split, not a hash split
+    assert "split 'validation'" in whole.meta["source"]["description"]
+    assert whole.meta["settings"]["max_tokens"] == data.DEFAULT_HUB_MAX_TOKENS
+    capped = prepare(dataset=str(folder), vocab_size=VOCAB, max_tokens=20_000,
+                     out=tmp_path / "c", progress=False)
+    assert 18_000 < capped.n_tokens("train") <= 20_000
+    assert documents_of(capped, "train") == train_docs[:capped.n_documents("train")]
+    assert 1 <= capped.n_documents("val") < len(val_docs)
+
+
 def test_text_without_separators_is_one_running_text(train_docs, tmp_path):
     text = "\n".join(train_docs[:60])
     running = tmp_path / "book.txt"
@@ -221,6 +240,11 @@ def test_damaged_folder_is_refused_and_rebuilt(files, tmp_path):
     assert not rebuilt.cache_hit and rebuilt.n_tokens("train") > 1000
     with pytest.raises(TinyLMError, match="not a prepared data folder"):
         load_prepared(tmp_path / "missing")
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["splits"]["val"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TinyLMError, match="incomplete"):
+        load_prepared(out)
 
 
 def test_interrupted_prepare_leaves_no_usable_looking_folder(tmp_path):
@@ -274,7 +298,9 @@ def bad_input_cases(tmp: Path, files: tuple[Path, Path]) -> dict[str, tuple[list
     (tmp / "seps.txt").write_text(f"{SEP}\n\n  \n{SEP}\n")
     (tmp / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (tmp / "latin1.txt").write_bytes("Zoë and the café\n".encode("latin-1") * 50)
+    (tmp / "late.txt").write_bytes(b"A story.\n" * 10_000 + "caf\xe9".encode("latin-1"))
     (tmp / "rows.jsonl").write_text('{"story": "Once upon a time"}\n')
+    (tmp / "broken.json").write_text('{"text": "Once upon a ')
     (tmp / "afile").write_text("x")
     out = ["--out", str(tmp / "out")]
     return {
@@ -283,6 +309,9 @@ def bad_input_cases(tmp: Path, files: tuple[Path, Path]) -> dict[str, tuple[list
         "no documents": (["--files", str(tmp / "seps.txt"), *out], "has no documents"),
         "binary file": (["--files", str(tmp / "binary.txt"), *out], "binary"),
         "not utf-8": (["--files", str(tmp / "latin1.txt"), *out], "not UTF-8"),
+        "not utf-8 after the first block": (["--files", str(tmp / "late.txt"), *out],
+                                            "not UTF-8"),
+        "broken json": (["--files", str(tmp / "broken.json"), *out], "cannot read"),
         "json without column": (["--files", str(tmp / "rows.jsonl"), *out],
                                 "no 'text' column (columns: story)"),
         "vocabulary too large": (["--files", str(files[0]), "--vocab-size", "40000", *out],

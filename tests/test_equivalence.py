@@ -84,9 +84,9 @@ def test_mlx_gradients_equal_numpy_gradients(variant: str, kind: str) -> None:
 
 
 STEP_CASES = {
-    # clip active (asserted below), weights of order one, a decayed learning rate at step 2
+    # variant, weights, grad_clip: clipping active (asserted below), weights of order one
     "swiglu-tied-clipped": ("swiglu-tied", "wide", 0.5),
-    # no clipping: the step's own norm path
+    # no clipping: the step's own norm path; the stated initialisation
     "relu2-untied-unclipped": ("relu2-untied", "init", 0.0),
 }
 
@@ -163,7 +163,7 @@ def test_changing_a_later_token_never_changes_earlier_mlx_logits() -> None:
         assert np.abs(logits[:, t] - base[:, t]).max() > 1e-2  # the change is seen where it is
 
 
-PRESET_VARIANTS = {**{name: cfg for name, cfg in PRESETS.items()},
+PRESET_VARIANTS = {**PRESETS,
                    "nano-relu2-untied": PRESETS["nano"].with_(mlp="relu2", tie_embeddings=False)}
 
 

@@ -77,7 +77,9 @@ def test_timed_run_learns_writes_a_complete_run_folder_and_ends_annealed(prepare
     # The last step ran at the schedule's final value, and the budget was respected.
     assert rec.steps[-1]["lr"] == pytest.approx(Schedule(3e-3, 0.03, 0.4, 0.0).final_lr)
     assert summary["train_seconds"] <= 0.12 * 60 + 1.0
-    assert rec.evals, "periodic validation ran"
+    assert len(rec.evals) >= 2, "periodic validation ran"
+    assert rec.evals[-1]["val_loss"] < rec.evals[0]["val_loss"] - 0.2  # sees the new weights
+    assert summary["val_loss"] < rec.evals[0]["val_loss"]
     run = spec.run_dir
     for name in ("config.json", "model.safetensors", "tokenizer.model", "metrics.jsonl",
                  "loss.png", "README.md"):
