@@ -204,6 +204,8 @@ def _damage(run: Path, how: str) -> None:
         (run / checkpoint.WEIGHTS).write_bytes(data[: len(data) // 2])
     elif how == "garbage weights":
         (run / checkpoint.WEIGHTS).write_bytes(b"\x00not a safetensors file")
+    elif how == "foreign tokenizer":
+        train_tokenizer(_documents(20_000), 400, run / checkpoint.TOKENIZER)
     elif how == "config mismatch":
         cfg = json.loads((run / checkpoint.CONFIG).read_text())
         cfg["model"]["d_model"] = 64
@@ -211,7 +213,7 @@ def _damage(run: Path, how: str) -> None:
 
 
 BROKEN = ["missing folder", "no weights", "no tokenizer", "truncated weights", "garbage weights",
-          "config mismatch"]
+          "config mismatch", "foreign tokenizer"]
 
 
 def broken_run(run_dir: Path, tmp_path: Path, how: str) -> Path:
@@ -258,6 +260,7 @@ def test_eval_of_a_prepared_folder_covers_its_validation_split(run_dir, prepared
     assert got["bytes"] == prepared.n_bytes("val")
     # The same folder evaluated by a run with another tokenizer would be meaningless: refused.
     other = copy_run(run_dir, tmp_path)
-    train_tokenizer(_documents(20_000), 400, other / checkpoint.TOKENIZER)
+    text = (DATA / "train_more.txt").read_text(encoding="utf-8")[:200_000]
+    train_tokenizer(text.split("\n<|endoftext|>\n"), 512, other / checkpoint.TOKENIZER)
     with pytest.raises(TinyLMError, match="different tokenizer"):
         evaluate_run(other, data=prepared.path)
