@@ -258,6 +258,12 @@ def test_eval_of_a_prepared_folder_covers_its_validation_split(run_dir, prepared
     got = evaluate_run(run_dir, data=prepared.path)
     assert got["tokens"] == prepared.n_tokens("val") - 1
     assert got["bytes"] == prepared.n_bytes("val")
+    # Without --data or --files: the data folder the run's config.json names.
+    trained = copy_run(run_dir, tmp_path / "trained")
+    cfg = json.loads((trained / checkpoint.CONFIG).read_text())
+    cfg["data"] = {"path": str(prepared.path)}
+    (trained / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    assert evaluate_run(trained) == got
     # The same folder evaluated by a run with another tokenizer would be meaningless: refused.
     other = copy_run(run_dir, tmp_path)
     text = (DATA / "train_more.txt").read_text(encoding="utf-8")[:200_000]
