@@ -7,6 +7,7 @@ Commands parse flags, call one library function and present its result. User-fac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -331,7 +332,9 @@ def sample(
                                 "likely than this times the most likely one (0: off)."),
     repetition_penalty: float = typer.Option(_sampling_defaults().repetition_penalty,
                                              "--repetition-penalty",
-                                             help="Penalise tokens of the last 64 (1: off)."),
+                                             help="Penalise tokens of the last "
+                                             f"{_sampling_defaults().repetition_window} "
+                                             "(1: off)."),
     seed: int = typer.Option(None, help="Seed for reproducible samples (default: a fresh one, "
                              "reported on stderr)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt."),
@@ -340,37 +343,44 @@ def sample(
                                  "streamed text."),
 ) -> None:
     """Stream samples from a trained model, token by token."""
-    from . import generate as gen
-    from .sampling import SamplerConfig
+    from .sampling import SamplerConfig, check_max_tokens
 
+    # Bad flags fail before MLX is even imported.
     sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty)
-    gen.check_max_tokens(max_tokens)
+                            repetition_penalty=repetition_penalty)
+    check_max_tokens(max_tokens)
     if num_samples <= 0:
         fail(f"--num-samples must be a positive integer, got {num_samples}")
+    from . import generate as gen
+
     model, tokenizer = gen.load(run_dir)
+    if prompt is None and sys.stdin.isatty():
+        typer.echo("reading prompts from stdin, one per line (Ctrl-D to end)", err=True)
     prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
-    first = True
-    for text in prompts:
-        for k in range(num_samples):
-            stats = gen.GenerationStats()
-            pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
-                                  None if seed is None else seed + k, not no_stop, stats=stats)
-            if as_json:
-                out = "".join(pieces)
-                typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
-                continue
-            if not first:
-                sys.stdout.write("\n")
-            first = False
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            for piece in pieces:
-                sys.stdout.write(piece)
+    try:
+        for i, text in enumerate(prompts):
+            for k in range(num_samples):
+                stats = gen.GenerationStats()
+                pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
+                                      None if seed is None else seed + k, not no_stop,
+                                      stats=stats)
+                if as_json:
+                    out = "".join(pieces)
+                    typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
+                    continue
+                if i or k:
+                    sys.stdout.write("\n")
+                sys.stdout.write(text)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            typer.echo(stats.summary(), err=True)
+                for piece in pieces:
+                    # With --no-stop a new story follows end-of-document (which decodes to "").
+                    sys.stdout.write("\n\n" if piece.token == tokenizer.eos_id else piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                typer.echo(stats.summary(), err=True)
+    except BrokenPipeError:  # `tinylm sample ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command("eval")
