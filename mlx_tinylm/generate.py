@@ -333,8 +333,7 @@ def encode_files(tokenizer: Any, files: Sequence[str | Path]) -> tuple[np.ndarra
 
     docs: list[str] = []
     for path in files:
-        source = data._check_file(Path(path))
-        docs.extend(doc for doc, _ in data._file_documents(source, "text"))
+        docs.extend(data.read_documents(path))
     ids = [tokenizer.eos_id]
     for encoded in tokenizer.encode_batch(docs):
         ids.extend(encoded)
