@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -298,7 +298,6 @@ def evaluate(model: GPT, tokens: np.ndarray, n_bytes: int, context: int | None =
     """
     import mlx.nn as nn
 
-    from .data import eval_batches
 
     context = model.config.context_length if context is None else context
     if not 1 <= context <= model.config.context_length:
@@ -310,18 +309,36 @@ def evaluate(model: GPT, tokens: np.ndarray, n_bytes: int, context: int | None =
         raise TinyLMError(f"the evaluated text must have a positive byte count, got {n_bytes}")
 
     # Not compiled: measured on the CPU backend, mx.compile made this no faster.
-    def batch_nats(x: mx.array, y: mx.array, mask: mx.array) -> mx.array:
-        losses = nn.losses.cross_entropy(model(x), y, reduction="none")
-        return mx.sum(losses * mask)
+    def batch_nats(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
+        losses = nn.losses.cross_entropy(model(mx.array(x)), mx.array(y), reduction="none")
+        return mx.sum(losses * mx.array(mask, dtype=mx.float32)).item()
+
+    return window_metrics(batch_nats, tokens, n_bytes, context, batch_size)
+
+
+def window_metrics(batch_nats: Callable[[np.ndarray, np.ndarray, np.ndarray], float],
+                   tokens: np.ndarray, n_bytes: int, context: int, batch_size: int,
+                   max_batches: int | None = None) -> dict[str, float | int]:
+    """loss/ppl/bpb from summed nats over the fixed windows of `eval_batches`.
+
+    `batch_nats(inputs, targets, mask)` returns the summed nats of one batch's masked targets.
+    Over every window bpb is exact; over the first `max_batches` only (a quick periodic check),
+    the bytes are the split's bytes in proportion to the targets covered.
+    """
+    from .data import eval_batches
 
     total, count = 0.0, 0
-    for x, y, mask in eval_batches(tokens, context, batch_size):
-        nats = batch_nats(mx.array(x), mx.array(y), mx.array(mask, dtype=mx.float32))
-        total += float(nats.item())  # summed per batch in float32, across batches in float64
+    for i, (x, y, mask) in enumerate(eval_batches(tokens, context, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        total += float(batch_nats(x, y, mask))  # float32 per batch, float64 across batches
         count += int(np.sum(mask))
+    if count == 0:
+        raise TinyLMError("there are no tokens to evaluate")
+    covered = n_bytes if count >= len(tokens) - 1 else n_bytes * count / (len(tokens) - 1)
     loss = total / count
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": total / (math.log(2) * n_bytes),
-            "tokens": count, "bytes": int(n_bytes)}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": total / (math.log(2) * covered),
+            "tokens": count, "bytes": int(round(covered))}
 
 
 def encode_files(tokenizer: Any, files: Sequence[str | Path]) -> tuple[np.ndarray, int]:

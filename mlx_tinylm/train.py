@@ -25,12 +25,11 @@ import numpy as np
 
 from . import __version__, checkpoint
 from .config import ModelConfig, OptimConfig, TrainConfig
-from .data import BatchSampler, PreparedData, eval_batches
+from .data import BatchSampler, PreparedData
 from .engine import Engine, make_engine
 from .errors import TinyLMError
 from .schedule import Schedule
 
-LN2 = math.log(2.0)
 DEFAULT_PROMPT = "Once upon a time"
 AUTO_PRESET = "auto"
 
@@ -73,22 +72,10 @@ def default_run_name(preset: str) -> str:
 
 def evaluate_split(engine: Engine, tokens: np.ndarray, n_bytes: int, context: int,
                    batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-    """Loss, ppl and bpb over a split (or its first `max_batches` fixed windows).
+    """Loss, ppl and bpb of the engine's weights over a split (or its first `max_batches`)."""
+    from .generate import window_metrics
 
-    Over the whole split bpb is exact; on a subset it uses the split's mean bytes per token.
-    """
-    total, count = 0.0, 0
-    for i, (x, y, mask) in enumerate(eval_batches(tokens, context, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        total += engine.eval_loss(x, y, mask)
-        count += int(mask.sum())
-    if count == 0:
-        raise TinyLMError("the validation split has no tokens to evaluate")
-    loss = total / count
-    covered_bytes = n_bytes if count >= len(tokens) - 1 else n_bytes * count / max(len(tokens), 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / (LN2 * covered_bytes),
-            "tokens": count}
+    return window_metrics(engine.eval_loss, tokens, n_bytes, context, batch_size, max_batches)
 
 
 def sample_text(engine: Engine, data: PreparedData, prompt: str, max_tokens: int, seed: int,
@@ -270,7 +257,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     tokens_per_step = t.batch_size * cfg.context_length
     kind = t.budget_kind
     schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac)
-    bytes_per_token = data.n_bytes("val") / max(data.n_tokens("val"), 1)
 
     reporter.start({
         "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
@@ -292,7 +278,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     def periodic_eval() -> dict[str, Any]:
         m = evaluate_split(engine, val_tokens, data.n_bytes("val"), cfg.context_length,
                            t.batch_size, max_batches=t.eval_batches)
-        m["bpb"] = m["loss"] / (LN2 * bytes_per_token)
         record = {"event": "eval", "step": state.step, "tokens": state.tokens,
                   "elapsed": state.elapsed, "val_loss": m["loss"], "val_ppl": m["ppl"],
                   "val_bpb": m["bpb"]}
