@@ -23,9 +23,18 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import cpu_ops
 from .config import ModelConfig, OptimConfig
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
+
+# None: use cpu_ops' formulations (same math, several times faster there) when MLX runs on the
+# CPU, and MLX's fused kernels on a GPU. True/False force one path (tests compare the two).
+CPU_OPS: bool | None = None
+
+
+def use_cpu_ops() -> bool:
+    return mx.default_device().type == mx.cpu if CPU_OPS is None else CPU_OPS
 
 
 class RMSNorm(nn.Module):
@@ -67,9 +76,12 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        # One query (decoding) sees every cached key, so it needs no mask.
-        mask = "causal" if q.shape[2] > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if use_cpu_ops():
+            out = cpu_ops.attention(q, k, v, self.scale)
+        else:
+            # One query (decoding) sees every cached key, so it needs no mask.
+            mask = "causal" if q.shape[2] > 1 else None
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -84,7 +96,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.kind == "swiglu":
-            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+            silu = cpu_ops.silu if use_cpu_ops() else nn.silu
+            return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(mx.square(nn.relu(self.up_proj(x))))
 
 
@@ -203,6 +216,8 @@ def make_cache(model: GPT) -> list[KVCache]:
 def loss_fn(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
     """Mean next-token cross-entropy in nats."""
     logits = model(inputs)
+    if use_cpu_ops():
+        return cpu_ops.cross_entropy(logits, targets)
     return nn.losses.cross_entropy(logits, targets, reduction="mean")
 
 
