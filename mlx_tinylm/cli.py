@@ -49,6 +49,48 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     Console().print(table)
 
 
+# ----- bench (issue 6) ---------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    preset_name: str = typer.Option("tiny", "--preset", help="Model preset to benchmark."),
+    engines: str = typer.Option("mlx,torch,numpy", help="Comma-separated: mlx, torch, numpy, "
+                                "or single engines (mlx-compiled, torch-eager, ...)."),
+    batch_size: int = typer.Option(32, help="Sequences per step."),
+    context: int = typer.Option(None, help="Tokens per sequence (default: the preset's)."),
+    seconds: float = typer.Option(10.0, help="Training seconds per engine (split in rounds)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full JSON result."),
+    out: str = typer.Option(None, help="Where to save the JSON (default: "
+                            "benchmarks/results/bench-<date>-<machine>.json)."),
+) -> None:
+    """MLX against PyTorch and the NumPy engine on the same model, side by side in one run."""
+    from . import bench as B
+
+    progress = None if as_json else (lambda msg: typer.echo(f"  {msg}", err=True))
+    result = B.run_bench(preset_name, engines, batch_size, context, seconds, progress=progress)
+    path = B.save_result(result, out)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        header, rows = B.table_rows(result)
+        table = Table(title="tinylm bench: training step and more, same model, same weights")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("engine", "device") else "right")
+        for r in rows:
+            table.add_row(*r)
+        console = Console()
+        console.print(table)
+        console.print(B.summary_line(result))
+        console.print(f"saved {path}")
+    if not result["agreement"]["passed"]:
+        raise B.BenchError(f"engines disagree: first-step losses differ by "
+                           f"{result['agreement']['max_abs_diff']:.2e} (> "
+                           f"{result['agreement']['tolerance']:g}); results saved in {path}")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:

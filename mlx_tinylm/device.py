@@ -26,6 +26,11 @@ OPENBLAS_CANDIDATES = (
 )
 
 _blas_status: str = "not set up"
+_allocator_status: str = "not set up"
+
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def _bundled_reference_blas() -> str | None:
@@ -68,6 +73,32 @@ def setup_blas() -> str:
             _blas_status = f"loaded {path}"
             break
     return _blas_status
+
+
+def setup_allocator() -> str:
+    """Keep large freed buffers mapped instead of returning them to the kernel (glibc only).
+
+    MLX's CPU allocator (and NumPy) take each buffer from malloc and free it after use; glibc
+    serves requests above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps them on
+    free, so every step page-faults its logits and attention scores in again, 4 KB at a time
+    (measured here: `a + 1` on a 134 MB array 93 -> 28 ms, the tiny model's MLX step ~20%
+    faster). Raising the mmap and trim thresholds makes glibc reuse heap memory instead. Peak
+    memory is unchanged; freed memory stays with the process. `TINYLM_ALLOCATOR=off` opts out.
+    """
+    global _allocator_status
+    if not sys.platform.startswith("linux"):
+        _allocator_status = "not needed on this platform"
+    elif os.environ.get("TINYLM_ALLOCATOR", "").strip().lower() == "off":
+        _allocator_status = "off (TINYLM_ALLOCATOR=off)"
+    else:
+        try:
+            libc = ctypes.CDLL(None)
+            ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+                  and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31) == 1)
+            _allocator_status = "glibc: large buffers reused" if ok else "mallopt refused"
+        except (OSError, AttributeError):
+            _allocator_status = "not glibc: unchanged"
+    return _allocator_status
 
 
 def loaded_blas_libraries() -> list[str]:
@@ -136,6 +167,7 @@ class DeviceInfo:
     mlx_version: str
     device: str
     blas_setup: str
+    allocator: str
     blas_libraries: list[str]
     matmul_gflops: float
     memory_total_gb: float
@@ -152,6 +184,7 @@ def info(probe_seconds: float = 1.0) -> DeviceInfo:
         mlx_version=mx.__version__,
         device=device_name(),
         blas_setup=_blas_status,
+        allocator=_allocator_status,
         blas_libraries=loaded_blas_libraries(),
         matmul_gflops=round(matmul_gflops(seconds=probe_seconds), 1),
         memory_total_gb=round(total_memory_bytes() / 2**30, 1),
