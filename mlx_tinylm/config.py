@@ -202,6 +202,54 @@ class OptimConfig:
         need(self.grad_clip >= 0, f"gradient clip must be >= 0, got {self.grad_clip}")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train; the defaults are the 5-minute laptop recipe."""
+
+    minutes: float | None = 5.0  # wall-clock budget (ignored when steps or tokens is set)
+    steps: int | None = None
+    tokens: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+    warmup: float = 0.03  # fractions of the budget (see schedule.py)
+    decay: float = 0.4
+    final_lr_frac: float = 0.0
+    eval_every: float = 0.1  # periodic validation, as a fraction of the budget
+    eval_batches: int = 8  # fixed validation subset size, in batches
+    checkpoint_every_minutes: float = 2.0
+    sample_tokens: int = 48  # length of the sample continuation shown at each evaluation
+    log_every_s: float = 0.5  # how often a step is logged and drawn
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.minutes is None or (math.isfinite(self.minutes) and self.minutes > 0),
+             f"--minutes must be > 0, got {self.minutes}")
+        need(self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}")
+        need(self.tokens is None or self.tokens > 0, f"--tokens must be > 0, got {self.tokens}")
+        need(self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}")
+        need(self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}, "
+             f"got {self.engine!r}")
+        need(self.checkpoint_every_minutes > 0, "checkpoint interval must be > 0")
+        need(self.eval_batches > 0, "eval_batches must be > 0")
+        need(0 < self.eval_every <= 1, f"--eval-every must be in (0, 1], got {self.eval_every}")
+
+    @property
+    def budget_kind(self) -> str:
+        """'steps', 'tokens' or 'time': what the schedule's fraction is measured in."""
+        if self.steps is not None:
+            return "steps"
+        if self.tokens is not None:
+            return "tokens"
+        return "time"
+
+
+ENGINES = ("auto", "mlx", "numpy")
+
+
 # Named sizes from ~0.3M to ~30M parameters at the default 4096-token vocabulary.
 PRESETS: dict[str, ModelConfig] = {
     "nano": ModelConfig(d_model=64, n_layers=2, n_heads=2),
@@ -221,6 +269,13 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def preset_summary(name: str, batch_size: int = 32) -> dict[str, Any]:
+    """Shape and cost facts of a preset (what `tinylm presets` prints)."""
+    cfg = preset(name)
+    return {**cfg.to_dict(), "params": cfg.n_params, "flops_per_token": cfg.flops_per_token(),
+            "memory_bytes": cfg.training_memory_bytes(batch_size)}
 
 
 def format_count(n: float) -> str:

@@ -140,6 +140,23 @@ def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
             return 2 * n**3 * reps / elapsed / 1e9
 
 
+def numpy_matmul_gflops(seconds: float = 1.0, n: int = 1024) -> float:
+    """Float32 n×n matmul rate of NumPy's BLAS (the NumPy engine's peak for MFU)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * reps / elapsed / 1e9
+
+
 def total_memory_bytes() -> int:
     """Physical memory of this machine (unified memory on Apple silicon)."""
     try:

@@ -1,0 +1,191 @@
+"""Training engines behind one small interface, so the loop does not care which one runs.
+
+- `MlxEngine`: the compiled MLX step (Metal, CUDA or CPU).
+- `NumpyEngine`: the NumPy implementation, for machines where MLX cannot run.
+
+Both exchange weights and optimizer state as flat name -> NumPy array dicts (the safetensors
+names), so checkpoints are interchangeable between engines.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Protocol
+
+import numpy as np
+
+from .config import ModelConfig, OptimConfig
+
+
+class Engine(Protocol):
+    name: str
+    cfg: ModelConfig
+
+    def step(self, inputs: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
+        """One optimizer step at learning rate `lr`; returns (loss, grad norm before clipping)."""
+        ...
+
+    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+        """Sum of next-token cross-entropy (nats) over the targets where `mask` is true."""
+        ...
+
+    def weights(self) -> dict[str, np.ndarray]: ...
+
+    def optimizer_state(self) -> dict[str, np.ndarray]: ...
+
+    def load_state(self, weights: dict[str, np.ndarray],
+                   optimizer: dict[str, np.ndarray] | None) -> None: ...
+
+    def peak_memory_bytes(self) -> int: ...
+
+
+def process_peak_rss_bytes() -> int:
+    """Peak resident memory of this process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class MlxEngine:
+    name = "mlx"
+
+    def __init__(self, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
+                 weights: dict[str, np.ndarray] | None = None,
+                 optimizer: dict[str, np.ndarray] | None = None, compile: bool = True):
+        import mlx.core as mx
+        import mlx.nn as nn
+
+        from .model import GPT, make_optimizer, make_train_step
+
+        self.mx = mx
+        self.cfg = cfg
+        mx.random.seed(seed)
+        self.model = GPT(cfg)
+        self.model.init_weights(seed)
+        self.optimizer = make_optimizer(opt)
+        self.optimizer.init(self.model.trainable_parameters())
+        # Load before compiling: the compiled step holds the very containers it was built with.
+        if weights is not None:
+            self.load_state(weights, optimizer)
+        self._step = make_train_step(self.model, self.optimizer, opt.grad_clip, compile=compile)
+
+        model = self.model
+
+        def token_losses(inputs: mx.array, targets: mx.array) -> mx.array:
+            return nn.losses.cross_entropy(model(inputs), targets, reduction="none")
+
+        # The weights must be compile inputs, or the trace would freeze them as constants.
+        self._token_losses = (mx.compile(token_losses, inputs=[model.state]) if compile
+                              else token_losses)
+
+    def step(self, inputs: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
+        mx = self.mx
+        self.optimizer.learning_rate = lr
+        loss, norm = self._step(mx.array(inputs), mx.array(targets))
+        mx.eval(loss, norm, self.model.state, self.optimizer.state)  # the one eval per step
+        return loss.item(), norm.item()
+
+    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+        mx = self.mx
+        losses = self._token_losses(mx.array(inputs), mx.array(targets))
+        total = mx.sum(losses * mx.array(mask.astype(np.float32)))
+        return total.item()
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self.model.named_weights().items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        from mlx.utils import tree_flatten
+
+        return {k: np.array(v) for k, v in tree_flatten(self.optimizer.state)}
+
+    def load_state(self, weights: dict[str, np.ndarray],
+                   optimizer: dict[str, np.ndarray] | None) -> None:
+        mx = self.mx
+        self.model.load_named_weights({k: mx.array(v) for k, v in weights.items()})
+        if optimizer:
+            _assign_leaves(self.optimizer.state, {k: mx.array(v) for k, v in optimizer.items()})
+        mx.eval(self.model.state, self.optimizer.state)
+
+    def peak_memory_bytes(self) -> int:
+        if self.mx.default_device().type == self.mx.gpu:
+            return int(self.mx.get_peak_memory())
+        # On the CPU backend MLX's own counter misses BLAS buffers; the process peak is honest.
+        return max(int(self.mx.get_peak_memory()), process_peak_rss_bytes())
+
+
+def _assign_leaves(tree: dict | list, flat: dict) -> None:
+    """Write flat 'a.0.b' -> value entries into an existing nested dict/list tree, in place."""
+    for name, value in flat.items():
+        node = tree
+        *path, last = name.split(".")
+        try:
+            for key in path:
+                node = node[int(key)] if isinstance(node, list) else node[key]
+            if isinstance(node, list):
+                node[int(last)] = value
+            else:
+                if last not in node:
+                    raise KeyError(last)
+                node[last] = value
+        except (KeyError, IndexError, ValueError, TypeError):
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"optimizer state entry {name!r} does not match this model; "
+                                  "the checkpoint belongs to a different configuration") from None
+
+
+class NumpyEngine:
+    """The NumPy engine: the reference implementation (float32), trained step by step."""
+
+    name = "numpy"
+
+    def __init__(self, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
+                 weights: dict[str, np.ndarray] | None = None,
+                 optimizer: dict[str, np.ndarray] | None = None):
+        from . import reference
+
+        self.ref = reference
+        self.cfg = cfg
+        self.opt = opt
+        self.model = reference.GPT(cfg, dtype=np.float32, seed=seed)
+        self.optimizer = reference.AdamW(opt)
+        if weights is not None:
+            self.load_state(weights, optimizer)
+
+    def step(self, inputs: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
+        loss, norm = self.ref.train_step(self.model, self.optimizer, inputs, targets, lr,
+                                         self.opt.grad_clip)
+        return float(loss), float(norm)
+
+    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> float:
+        logits = self.model.forward(inputs).astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logz = np.log(np.exp(logits).sum(axis=-1))
+        picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return float(((logz - picked) * mask).sum())
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {k: np.array(v, dtype=np.float32) for k, v in self.model.weights.items()}
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.optimizer.state_dict().items()}
+
+    def load_state(self, weights: dict[str, np.ndarray],
+                   optimizer: dict[str, np.ndarray] | None) -> None:
+        for name, value in weights.items():
+            self.model.weights[name][...] = value
+        if optimizer:
+            self.optimizer.load_state_dict(optimizer)
+
+    def peak_memory_bytes(self) -> int:
+        return process_peak_rss_bytes()
+
+
+def make_engine(name: str, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
+                weights: dict[str, np.ndarray] | None = None,
+                optimizer: dict[str, np.ndarray] | None = None) -> Engine:
+    """Build the named engine ('mlx' or 'numpy'), optionally from saved state."""
+    if name == "numpy":
+        return NumpyEngine(cfg, opt, seed, weights, optimizer)
+    return MlxEngine(cfg, opt, seed, weights, optimizer)
