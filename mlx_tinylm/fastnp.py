@@ -43,7 +43,8 @@ from .config import ModelConfig, OptimConfig
 
 F32 = np.float32
 ATTN_BLOCK = 128  # query rows per causal attention block
-HEAD_CHUNK_BYTES = 2 << 20  # logits chunk size for head + cross-entropy (fits in L2/L3)
+HEAD_CHUNK_BYTES = 8 << 20  # logits chunk for head + cross-entropy (512 rows at vocab 4096)
+ACT_ROWS = 128  # SwiGLU elementwise work in row chunks that fit in L2
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
 
 
@@ -289,6 +290,7 @@ class _Worker:
                 "xn2": z((n, d), F32), "r2": z((n, 1), F32), "h2": z((n, d), F32),
                 "up": z((n, up), F32), "act": z((n, h), F32),
                 "sig": z((n, h), F32) if cfg.mlp == "swiglu" else None,
+                "silu": z((n, h), F32) if cfg.mlp == "swiglu" else None,
             })
         self.x = z((n, d), F32)  # residual stream / its gradient
         self.xnf, self.rf, self.hf = z((n, d), F32), z((n, 1), F32), z((n, d), F32)
@@ -390,43 +392,49 @@ class _Worker:
 
     def _activation(self, L: dict) -> None:
         h = self.cfg.hidden
-        if self.cfg.mlp == "swiglu":
-            gate, up, sig, act = L["up"][:, :h], L["up"][:, h:], L["sig"], L["act"]
+        if self.cfg.mlp != "swiglu":
+            np.maximum(L["up"], 0.0, out=L["act"])
+            np.square(L["act"], out=L["act"])
+            return
+        # In row chunks that stay in L2: each pass below then reads from cache, not memory.
+        for r0 in range(0, self.n, ACT_ROWS):
+            r1 = min(r0 + ACT_ROWS, self.n)
+            gate, up = L["up"][r0:r1, :h], L["up"][r0:r1, h:]
+            sig, silu, act = L["sig"][r0:r1], L["silu"][r0:r1], L["act"][r0:r1]
             np.negative(gate, out=sig)
             np.exp(sig, out=sig)
             sig += 1.0
             np.reciprocal(sig, out=sig)  # sigmoid(gate)
-            np.multiply(gate, sig, out=act)
-            act *= up
-        else:
-            np.maximum(L["up"], 0.0, out=L["act"])
-            np.square(L["act"], out=L["act"])
+            np.multiply(gate, sig, out=silu)
+            np.multiply(silu, up, out=act)
 
     def _activation_backward(self, L: dict, dact: np.ndarray) -> None:
         """Fills self.tmp_up with the gradient of the up (and gate) projection outputs."""
         h = self.cfg.hidden
-        if self.cfg.mlp == "swiglu":
-            gate, up, sig = L["up"][:, :h], L["up"][:, h:], L["sig"]
-            dgate, dup = self.tmp_up[:, :h], self.tmp_up[:, h:]
-            np.multiply(gate, sig, out=dup)  # silu(gate)
-            dup *= dact  # d up = dact · silu(gate)
-            # d gate = dact · up · sig · (1 + gate · (1 - sig))
-            np.subtract(1.0, sig, out=dgate)
-            dgate *= gate
-            dgate += 1.0
-            dgate *= sig
-            dgate *= up
-            dgate *= dact
-        else:
+        if self.cfg.mlp != "swiglu":
             # d/du relu(u)² = 2·relu(u)
             np.maximum(L["up"], 0.0, out=self.tmp_up)
             self.tmp_up *= 2.0
             self.tmp_up *= dact
+            return
+        for r0 in range(0, self.n, ACT_ROWS):
+            r1 = min(r0 + ACT_ROWS, self.n)
+            up, sig, silu = L["up"][r0:r1, h:], L["sig"][r0:r1], L["silu"][r0:r1]
+            da = dact[r0:r1]
+            dgate, dup = self.tmp_up[r0:r1, :h], self.tmp_up[r0:r1, h:]
+            np.multiply(da, silu, out=dup)  # d up = dact · silu(gate)
+            # d gate = dact · up · silu'(gate), silu' = sig + silu·(1 - sig)
+            np.multiply(silu, sig, out=dgate)
+            np.subtract(silu, dgate, out=dgate)
+            dgate += sig
+            dgate *= up
+            dgate *= da
 
     def head_loss(self, W: dict[str, np.ndarray], targets: np.ndarray, n_total: int,
-                  grad: bool) -> float:
+                  grad: bool, token_losses: np.ndarray | None = None) -> float:
         """Sum of per-token losses; with `grad`, the head gradient into self.grad and
-        d(final norm output) into self.tmp_d (loss scaled by 1/n_total)."""
+        d(final norm output) into self.tmp_d (loss scaled by 1/n_total). `token_losses`
+        (n,) receives each token's loss when given."""
         head = W["embed"] if self.cfg.tie_embeddings else W["head"]
         targets = targets.reshape(-1)
         gview = self.grad_views["embed" if self.cfg.tie_embeddings else "head"] if grad else None
@@ -443,7 +451,10 @@ class _Worker:
             picked = z[idx]
             np.exp(z, out=z)
             np.sum(z, axis=1, out=m)
-            total += float(np.sum(np.log(m, dtype=np.float64)) - np.sum(picked, dtype=np.float64))
+            row_loss = np.log(m, dtype=np.float64) - picked
+            total += float(np.sum(row_loss))
+            if token_losses is not None:
+                token_losses[c0:c1] = row_loss
             if not grad:
                 continue
             np.reciprocal(m, out=m)
@@ -620,6 +631,21 @@ class GPT:
 
         return sum(self._run(run, batch, t)) / (batch * t)
 
+    def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Next-token cross-entropy of every position, (B, T) float32, forward only."""
+        inputs, targets = self._check(inputs), np.asarray(targets)
+        batch, t = inputs.shape
+        rope_q, rope_k = self._ropes(t)
+        out = np.empty((batch, t), dtype=F32)
+
+        def run(w: _Worker, a: int, b: int) -> float:
+            w.forward(self.W, inputs[a:b], rope_q, rope_k)
+            return w.head_loss(self.W, targets[a:b], batch * t, grad=False,
+                               token_losses=out[a:b].reshape(-1))
+
+        self._run(run, batch, t)
+        return out
+
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """Logits (B, T, vocab) for int tokens (B, T)."""
         tokens = self._check(tokens)
@@ -795,3 +821,44 @@ def make_train_step(model: GPT, optimizer: AdamW, grad_clip: float) -> FlatStep:
         return loss, norm
 
     return step
+
+
+# ----- optimizer state in the shared checkpoint format -------------------------------------------
+
+def optimizer_state_dict(model: GPT, optimizer: AdamW) -> dict[str, np.ndarray]:
+    """The flat AdamW state in the names MLX and reference.py use (`states.{0,1}...`), so a
+    checkpoint moves freely between engines. Group 0 holds the decayed matrices, 1 the gains."""
+    if optimizer._flat_state is None:
+        zeros = np.zeros(model.layout.size, dtype=F32)
+        m_flat, v_flat = zeros, zeros
+    else:
+        m_flat, v_flat, _ = optimizer._flat_state
+    out: dict[str, np.ndarray] = {}
+    for group in (0, 1):
+        out[f"states.{group}.step"] = np.array(optimizer.step, dtype=np.uint64)
+        out[f"states.{group}.learning_rate"] = np.array(optimizer.learning_rate, np.float32)
+    for moment, flat in (("m", m_flat), ("v", v_flat)):
+        for name, value in model.layout.unpack(flat).items():
+            out[f"states.{0 if value.ndim >= 2 else 1}.{name}.{moment}"] = value
+    return out
+
+
+def load_optimizer_state_dict(model: GPT, optimizer: AdamW, state: dict[str, np.ndarray]) -> None:
+    """Restore `optimizer_state_dict()` output (from this or any other engine)."""
+    moments: dict[str, dict[str, np.ndarray]] = {"m": {}, "v": {}}
+    for key, value in state.items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] != "states" or parts[1] not in ("0", "1"):
+            raise ValueError(f"unexpected optimizer state entry {key!r}")
+        if parts[2] in ("step", "learning_rate"):
+            continue
+        name, _, moment = parts[2].rpartition(".")
+        if moment not in moments or not name:
+            raise ValueError(f"unexpected optimizer state entry {key!r}")
+        moments[moment][name] = np.asarray(value)
+    flat_m = model.layout.pack(moments["m"])
+    flat_v = model.layout.pack(moments["v"])
+    optimizer._flat_state = (flat_m, flat_v, np.empty_like(flat_m))
+    optimizer.step = int(np.asarray(state["states.0.step"]))
+    optimizer.learning_rate = float(np.asarray(state.get("states.0.learning_rate",
+                                                         optimizer.opt.lr)))
