@@ -53,11 +53,11 @@ class Engine:
 
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("mlx-compiled", "mlx", "MLX, compiled step", True),
-    Engine("mlx-uncompiled", "mlx", "MLX, uncompiled", False),
+    Engine("mlx-compiled", "mlx", "MLX (compiled)", True),
+    Engine("mlx-uncompiled", "mlx", "MLX (uncompiled)", False),
     Engine("torch-eager", "torch", "PyTorch eager", False),
-    Engine("torch-compiled", "torch", "PyTorch torch.compile", True),
-    Engine("numpy", "numpy", "NumPy fast engine", False),
+    Engine("torch-compiled", "torch", "torch.compile", True),
+    Engine("numpy", "numpy", "NumPy (fastnp)", False),
 )}
 GROUPS = {"mlx": ("mlx-compiled", "mlx-uncompiled"), "torch": ("torch-eager", "torch-compiled"),
           "numpy": ("numpy",)}
@@ -569,9 +569,10 @@ def run_bench(preset_name: str = DEFAULT_PRESET, engines: list[str] | str = "mlx
                 w.close()
 
         try:
-            for n in names:
-                say(f"starting {n}")
+            say(f"starting {', '.join(names)}")
+            for n in names:  # all at once: their imports overlap
                 workers[n] = _Worker(n, workdir)
+            for n in names:
                 reply = workers[n].read()
                 if "ready" not in reply:
                     fail(n, reply)
@@ -712,23 +713,21 @@ def _fmt_rate(x: float | None) -> str:
 
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (shared by the rich table and Markdown)."""
-    header = ["engine", "device", "train tok/s (min–max)", "× torch eager", "forward tok/s",
-              "generate tok/s", "peak MB", "matmul GFLOP/s", "MFU", "first loss"]
+    header = ["engine", "train tok/s", "min–max", "× torch eager", "forward tok/s",
+              "generate tok/s", "peak MB", "MFU (peak GFLOP/s)", "first loss"]
     rows = []
     for e in result["engines"]:
         if e["status"] != "ok":
-            rows.append([e["label"], e["status"], e.get("reason", "")] + [""] * 7)
+            rows.append([e["label"], e["status"], e.get("reason", "")] + [""] * 6)
             continue
         tr = e["train_tok_s"]
         ratio = e["vs_torch_eager"]["train"] if e["vs_torch_eager"] else None
+        mfu = f"{100 * e['mfu']:.1f}% ({e['matmul_peak_gflops']:.0f})" if e["mfu"] else "-"
         rows.append([
-            e["label"], e.get("device", ""),
-            f"{_fmt_rate(tr['median'])} ({_fmt_rate(tr['min'])}–{_fmt_rate(tr['max'])})",
+            e["label"], _fmt_rate(tr["median"]), f"{_fmt_rate(tr['min'])}–{_fmt_rate(tr['max'])}",
             f"{ratio:.2f}×" if ratio is not None else "-",
             _fmt_rate(e["forward_tok_s"]["median"]), _fmt_rate(e["generate_tok_s"]),
-            f"{e['peak_mem_mb']:.0f}", f"{e['matmul_peak_gflops']:.0f}",
-            f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "-",
-            f"{e['first_loss']:.5f}"])
+            f"{e['peak_mem_mb']:.0f}", mfu, f"{e['first_loss']:.5f}"])
     return header, rows
 
 
@@ -736,10 +735,14 @@ def summary_line(result: dict[str, Any]) -> str:
     cfg = result["config"]
     m = result["machine"]
     agree = result["agreement"]
+    devices = ", ".join(f"{e['label']}: {e['device']}" for e in result["engines"]
+                        if e["status"] == "ok")
+    load = result.get("load_average") or {}
     return (f"preset {result['preset']} (d{cfg['d_model']} L{cfg['n_layers']} H{cfg['n_heads']} "
             f"{cfg['mlp']}, vocab {cfg['vocab_size']}, {result['params'] / 1e6:.2f}M params), "
             f"batch {result['batch_size']} × context {result['context']}; {m['cpu']}, "
-            f"{m['cpu_count']} cores; first-step losses agree to {agree['max_abs_diff']:.1e} "
+            f"{m['cpu_count']} cores, load average {(load.get('before') or ['?'])[0]}; "
+            f"devices: {devices}; first-step losses agree to {agree['max_abs_diff']:.1e} "
             f"({'pass' if agree['passed'] else 'FAIL'}, tolerance {agree['tolerance']:g})")
 
 

@@ -318,12 +318,12 @@ def bench(
         from rich.table import Table
 
         header, rows = B.table_rows(result)
-        table = Table(title="tinylm bench: training step and more, same model, same weights")
+        table = Table(title="tinylm bench: the same model, weights and batch in every engine")
         for h in header:
-            table.add_column(h, justify="left" if h in ("engine", "device") else "right")
+            table.add_column(h, justify="left" if h == "engine" else "right")
         for r in rows:
             table.add_row(*r)
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 130)
         console.print(table)
         console.print(B.summary_line(result))
         console.print(f"saved {path}")
