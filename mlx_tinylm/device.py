@@ -26,6 +26,7 @@ OPENBLAS_CANDIDATES = (
 )
 
 _blas_status: str = "not set up"
+_blas_lib: ctypes.CDLL | None = None
 _allocator_status: str = "not set up"
 
 # glibc mallopt parameters
@@ -49,7 +50,7 @@ def setup_blas() -> str:
     Honours `TINYLM_BLAS`: `off` opts out, a path names the library to load. Returns a short
     status string (also kept for `tinylm info`). Must run before `mlx.core` is imported.
     """
-    global _blas_status
+    global _blas_status, _blas_lib
     choice = os.environ.get("TINYLM_BLAS", "").strip()
     if not sys.platform.startswith("linux"):
         _blas_status = "not needed on this platform"
@@ -66,13 +67,28 @@ def setup_blas() -> str:
             if not os.path.exists(path):
                 continue
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                _blas_lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError as err:
                 _blas_status = f"failed to load {path}: {err}"
                 continue
             _blas_status = f"loaded {path}"
             break
     return _blas_status
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of the OpenBLAS that MLX calls; False when there is none to set.
+
+    model.make_train_step splits a CPU batch across two MLX streams that call BLAS at the same
+    time; each then gets its share of the cores instead of all of them.
+    """
+    lib = _blas_lib if _blas_lib is not None else ctypes.CDLL(None)
+    fn = getattr(lib, "openblas_set_num_threads", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int]
+    fn(max(1, int(n)))
+    return True
 
 
 def setup_allocator() -> str:

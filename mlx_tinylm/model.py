@@ -15,22 +15,28 @@ constant with depth (GPT-2); norm gains start at 1.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import cpu_ops
 from .config import ModelConfig, OptimConfig
+from .device import set_blas_threads
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
 
 # None: use cpu_ops' formulations (same math, several times faster there) when MLX runs on the
 # CPU, and MLX's fused kernels on a GPU. True/False force one path (tests compare the two).
 CPU_OPS: bool | None = None
+
+
+# Split CPU training batches across two streams (see batch_streams); False keeps one stream.
+SPLIT_BATCH = True
 
 
 def use_cpu_ops() -> bool:
@@ -235,6 +241,46 @@ def make_optimizer(opt: OptimConfig) -> optim.Optimizer:
 
 
 TrainStep = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+LossAndGrad = Callable[..., tuple[mx.array, dict]]
+
+
+def batch_streams() -> list[mx.Stream]:
+    """CPU streams to split a training batch across: two on a multi-core CPU, else none.
+
+    MLX runs each stream's operations on its own thread, so two halves of a batch keep two cores
+    busy with everything — the norms, softmax and exp-heavy operations too, which MLX's CPU
+    backend otherwise runs on one core while only the matmuls are threaded (by BLAS). BLAS is
+    then given cores/2 threads per stream. Create the step on the thread that will call it:
+    streams belong to the thread that made them.
+    """
+    cores = os.cpu_count() or 1
+    if not use_cpu_ops() or cores < 2 or not SPLIT_BATCH:
+        return []
+    set_blas_threads(max(1, cores // 2))
+    return [mx.new_stream(mx.cpu) for _ in range(2)]
+
+
+def split_loss_and_grad(loss_and_grad: LossAndGrad, streams: list[mx.Stream], model: GPT,
+                        inputs: mx.array, targets: mx.array) -> tuple[mx.array, dict]:
+    """loss_and_grad over the whole batch, computed as shares on `streams` and combined.
+
+    The loss is a mean over tokens, so the full-batch loss and gradient are the shares' means
+    weighted by their token counts: the same numbers as one pass over the batch.
+    """
+    n = inputs.shape[0]
+    if len(streams) < 2 or n < 2:
+        return loss_and_grad(model, inputs, targets)
+    edges = [round(i * n / len(streams)) for i in range(len(streams) + 1)]
+    parts = []
+    for stream, a, b in zip(streams, edges[:-1], edges[1:], strict=True):
+        with mx.stream(stream):
+            loss, grads = loss_and_grad(model, inputs[a:b], targets[a:b])
+        parts.append(((b - a) / n, loss, grads))
+    loss = sum(w * part_loss for w, part_loss, _ in parts)
+    weights = [w for w, _, _ in parts]
+    grads = tree_map(lambda *gs: sum(w * g for w, g in zip(weights, gs, strict=True)),
+                     *[g for _, _, g in parts])
+    return loss, grads
 
 
 def make_train_step(model: GPT, optimizer: optim.Optimizer, grad_clip: float,
@@ -244,13 +290,15 @@ def make_train_step(model: GPT, optimizer: optim.Optimizer, grad_clip: float,
     Model and optimizer state are inputs and outputs of the compiled graph, so one `mx.eval`
     of (loss, grad_norm, state) per step runs the whole update. Set `optimizer.learning_rate`
     before a call to change the learning rate; it is part of the state, so nothing recompiles.
-    The returned grad_norm is the norm before clipping.
+    The returned grad_norm is the norm before clipping. On a multi-core CPU the batch is split
+    across two streams (`batch_streams`; set SPLIT_BATCH = False to keep one).
     """
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss_fn)
+    streams = batch_streams()
 
     def step(inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = loss_and_grad(model, inputs, targets)
+        loss, grads = split_loss_and_grad(loss_and_grad, streams, model, inputs, targets)
         if grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, grad_clip)
         else:
