@@ -136,8 +136,15 @@ class _Runner:
     def generate(self, prompt: np.ndarray, new_tokens: int) -> list[int]:
         raise NotImplementedError
 
-    def matmul_gflops(self, seconds: float) -> float:
+    def matmul_once(self, n: int) -> Callable[[], None]:
+        """A function doing one synchronised float32 n×n matmul."""
         raise NotImplementedError
+
+    def matmul_gflops(self, reps: int = 5, n: int = 1024) -> float:
+        """Float32 matmul peak: the fastest of `reps` n×n products (robust to a busy machine)."""
+        once = self.matmul_once(n)
+        once()
+        return 2 * n**3 / min(_timed_loop(once, 0.0, reps)) / 1e9
 
     def framework_peak_mb(self) -> float | None:
         return None
@@ -173,6 +180,9 @@ class _MLXRunner(_Runner):
             return M.split_loss_and_grad(loss_only, streams, self.model, x, y)[0]
 
         self.fwd = mx.compile(fwd, inputs=self.model.state) if self.engine.compiled else fwd
+        from .device import get_blas_threads
+
+        self._blas_threads = get_blas_threads() or 1  # as the step set it up
         mx.reset_peak_memory()
         loss, norm = self.step(self.inputs, self.targets)
         mx.eval(loss, norm, self.state)
@@ -197,10 +207,22 @@ class _MLXRunner(_Runner):
             logits = self.model(token[:, None], cache)
         return out
 
-    def matmul_gflops(self, seconds):
-        from .device import matmul_gflops
+    def matmul_once(self, n):
+        mx = self.mx
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a, b)
+        return lambda: mx.eval(a @ b)
 
-        return matmul_gflops(1024, seconds)
+    def matmul_gflops(self, reps=5, n=1024):
+        # The training step gives each of its two streams half the cores for BLAS; the peak is
+        # what one matmul gets with all of them.
+        from .device import set_blas_threads
+
+        set_blas_threads(os.cpu_count() or 1)
+        try:
+            return super().matmul_gflops(reps, n)
+        finally:
+            set_blas_threads(self._blas_threads)
 
     def framework_peak_mb(self):
         return self.mx.get_peak_memory() / 2**20
@@ -255,17 +277,18 @@ class _TorchRunner(_Runner):
                 offset += 1
         return out
 
-    def matmul_gflops(self, seconds):
-        torch, n = self.torch, 1024
-        a = torch.randn(n, n, device=self.dev)
-        b = torch.randn(n, n, device=self.dev)
+    def matmul_once(self, n):
+        a = self.torch.randn(n, n, device=self.dev)
+        b = self.torch.randn(n, n, device=self.dev)
+        sync = {"cuda": getattr(self.torch.cuda, "synchronize", None),
+                "mps": getattr(getattr(self.torch, "mps", None), "synchronize", None)}.get(self.dev)
 
         def once():
-            (a @ b).sum().item()  # .item() synchronises on every device
+            a @ b
+            if sync is not None:
+                sync()
 
-        once()
-        times = _timed_loop(once, seconds, 3)
-        return 2 * n**3 * len(times) / sum(times) / 1e9
+        return once
 
     def framework_peak_mb(self):
         if self.dev == "cuda":
@@ -306,14 +329,11 @@ class _NumpyRunner(_Runner):
             logits, cache = self.np_model.decode(np.array([[token]]), cache)
         return out
 
-    def matmul_gflops(self, seconds):
-        n = 1024
+    def matmul_once(self, n):
         rng = np.random.default_rng(0)
         a = rng.standard_normal((n, n), dtype=np.float32)
         b = rng.standard_normal((n, n), dtype=np.float32)
-        a @ b
-        times = _timed_loop(lambda: a @ b, seconds, 3)
-        return 2 * n**3 * len(times) / sum(times) / 1e9
+        return lambda: a @ b
 
     def device(self):
         from . import fastnp
@@ -402,7 +422,7 @@ def _worker_main(name: str) -> None:
                 out = runner.generate(prompt, cmd["new_tokens"])
                 reply({"seconds": time.perf_counter() - t0, "tokens": out})
             elif op == "matmul":
-                reply({"gflops": runner.matmul_gflops(cmd["seconds"])})
+                reply({"gflops": runner.matmul_gflops()})
             elif op == "memory":
                 reply({"framework_peak_mb": runner.framework_peak_mb()})
             elif op == "quit":
@@ -514,22 +534,26 @@ def default_output_path(result: dict[str, Any]) -> Path:
 
 def run_bench(preset_name: str = DEFAULT_PRESET, engines: list[str] | str = "mlx,torch,numpy",
               batch_size: int = 32, context: int | None = None, seconds: float = 10.0,
-              rounds: int = 5, warmup: int = 2, seed: int = 0,
+              rounds: int | None = None, warmup: int = 2, seed: int = 0, mlp: str | None = None,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return every figure as a JSON-ready dict (see the module doc).
 
-    `seconds`: training time per engine, split over `rounds` interleaved rounds; forward-only
-    gets a third of it. Engines that cannot run here are reported as skipped, failures as failed.
+    `seconds`: training time per engine, split over `rounds` interleaved rounds (default: one
+    per 2 seconds, at least 3); forward-only gets a third of it. `mlp` overrides the preset's
+    MLP kind. Engines that cannot run here are reported as skipped, failures as failed.
     """
     say = progress or (lambda _msg: None)
     names = parse_engines(engines) if isinstance(engines, str) else parse_engines(",".join(engines))
     base = preset(preset_name)
     cfg = base if context is None else base.with_(context_length=int(context))
+    if mlp is not None:
+        cfg = cfg.with_(mlp=mlp)
     if batch_size < 1:
         raise BenchError(f"batch size must be at least 1, got {batch_size}")
     if seconds <= 0:
         raise BenchError(f"--seconds must be > 0, got {seconds}")
     t = cfg.context_length
+    rounds = max(3, round(seconds / 2)) if rounds is None else max(1, int(rounds))
     opt = OptimConfig()
     from . import fastnp
 
@@ -591,23 +615,19 @@ def run_bench(preset_name: str = DEFAULT_PRESET, engines: list[str] | str = "mlx
                 records[n].update(first_loss=reply["first_loss"],
                                   first_step_s=reply["first_step_s"], device=reply["device"])
                 result["versions"].update(reply["versions"])
-            # matmul peaks before and after the timed rounds; the larger counts
+            # Each round: a matmul-peak probe, then a slice of training, engine after engine, so
+            # a machine busy with other work slows every engine alike. The best probe counts.
             peaks: dict[str, float] = {}
-
-            def probe() -> None:
-                for n in list(workers):
-                    reply = workers[n].ask(op="matmul", seconds=min(1.0, seconds / 10))
-                    if "error" in reply:
-                        fail(n, reply)
-                    else:
-                        peaks[n] = max(peaks.get(n, 0.0), reply["gflops"])
-
-            probe()
             train_times: dict[str, list[float]] = {n: [] for n in workers}
             peak_rss: dict[str, float] = {}
             for r in range(rounds):
                 for n in list(workers):
                     say(f"round {r + 1}/{rounds}: training {n}")
+                    reply = workers[n].ask(op="matmul")
+                    if "error" in reply:
+                        fail(n, reply)
+                        continue
+                    peaks[n] = max(peaks.get(n, 0.0), reply["gflops"])
                     reply = workers[n].ask(op="train", seconds=seconds / rounds, min_steps=1)
                     if "error" in reply:
                         fail(n, reply)
@@ -634,7 +654,6 @@ def run_bench(preset_name: str = DEFAULT_PRESET, engines: list[str] | str = "mlx
                     fail(n, reply)
                     continue
                 gen[n] = reply
-            probe()
             for n in list(workers):
                 reply = workers[n].ask(op="memory")
                 rec = records[n]

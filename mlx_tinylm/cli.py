@@ -301,6 +301,7 @@ def bench(
     batch_size: int = typer.Option(32, help="Sequences per step."),
     context: int = typer.Option(None, help="Tokens per sequence (default: the preset's)."),
     seconds: float = typer.Option(10.0, help="Training seconds per engine (split in rounds)."),
+    mlp: str = typer.Option(None, help="Override the preset's MLP kind: swiglu or relu2."),
     as_json: bool = typer.Option(False, "--json", help="Print the full JSON result."),
     out: str = typer.Option(None, help="Where to save the JSON (default: "
                             "benchmarks/results/bench-<date>-<machine>.json)."),
@@ -309,7 +310,8 @@ def bench(
     from . import bench as B
 
     progress = None if as_json else (lambda msg: typer.echo(f"  {msg}", err=True))
-    result = B.run_bench(preset_name, engines, batch_size, context, seconds, progress=progress)
+    result = B.run_bench(preset_name, engines, batch_size, context, seconds, mlp=mlp,
+                         progress=progress)
     path = B.save_result(result, out)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -91,6 +91,16 @@ def set_blas_threads(n: int) -> bool:
     return True
 
 
+def get_blas_threads() -> int | None:
+    """Thread count of the OpenBLAS that MLX calls, or None when there is none to ask."""
+    lib = _blas_lib if _blas_lib is not None else ctypes.CDLL(None)
+    fn = getattr(lib, "openblas_get_num_threads", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_int
+    return int(fn())
+
+
 def setup_allocator() -> str:
     """Keep large freed buffers mapped instead of returning them to the kernel (glibc only).
 
