@@ -86,6 +86,11 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.mean(_cross_entropy_rows(logits, targets)[0])
 
 
+def token_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Cross-entropy of every position (reduction "none")."""
+    return _cross_entropy_rows(logits, targets)[0]
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """Causal attention for q (B, H, Tq, D) against k, v (B, H, Tk, D), Tk >= Tq.
 

@@ -54,9 +54,9 @@ class MlxEngine:
                  weights: dict[str, np.ndarray] | None = None,
                  optimizer: dict[str, np.ndarray] | None = None, compile: bool = True):
         import mlx.core as mx
-        import mlx.nn as nn
 
-        from .model import GPT, make_optimizer, make_train_step
+        from .model import GPT, batch_streams, make_optimizer, make_train_step, split_rows
+        from .model import token_losses as model_token_losses
 
         self.mx = mx
         self.cfg = cfg
@@ -71,9 +71,11 @@ class MlxEngine:
         self._step = make_train_step(self.model, self.optimizer, opt.grad_clip, compile=compile)
 
         model = self.model
+        streams = batch_streams()  # evaluation shares the batch across streams like the step
 
         def token_losses(inputs: mx.array, targets: mx.array) -> mx.array:
-            return nn.losses.cross_entropy(model(inputs), targets, reduction="none")
+            return split_rows(lambda x, y: model_token_losses(model, x, y), streams, inputs,
+                              targets)
 
         # The weights must be compile inputs, or the trace would freeze them as constants.
         self._token_losses = (mx.compile(token_losses, inputs=[model.state]) if compile

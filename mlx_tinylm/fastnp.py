@@ -45,6 +45,7 @@ F32 = np.float32
 ATTN_BLOCK = 128  # query rows per causal attention block
 HEAD_CHUNK_BYTES = 8 << 20  # logits chunk for head + cross-entropy (512 rows at vocab 4096)
 ACT_ROWS = 128  # SwiGLU elementwise work in row chunks that fit in L2
+SHARES_PER_WORKER = 2  # batch shares per thread, handed out as threads become free
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
 
 
@@ -309,8 +310,12 @@ class _Worker:
         self.head_grad_tmp = z((cfg.vocab_size, d), F32)
         self.masks = [np.triu(np.full((stop - start, stop - start), -np.inf, dtype=F32), k=1)
                       for start, stop in self.blocks()]
-        self.grad = z(layout.size, F32)  # this share's flat gradient
-        self.grad_views = layout.views(self.grad)
+        self.layout = layout
+        self.grad_views: dict[str, np.ndarray] = {}  # set by bind_grad
+
+    def bind_grad(self, flat: np.ndarray) -> None:
+        """Write this share's gradient into `flat` (a buffer in the layout's order)."""
+        self.grad_views = self.layout.views(flat)
 
     def blocks(self) -> list[tuple[int, int]]:
         return [(s, min(s + ATTN_BLOCK, self.t)) for s in range(0, self.t, ATTN_BLOCK)]
@@ -432,7 +437,7 @@ class _Worker:
 
     def head_loss(self, W: dict[str, np.ndarray], targets: np.ndarray, n_total: int,
                   grad: bool, token_losses: np.ndarray | None = None) -> float:
-        """Sum of per-token losses; with `grad`, the head gradient into self.grad and
+        """Sum of per-token losses; with `grad`, the head gradient into the bound grad and
         d(final norm output) into self.tmp_d (loss scaled by 1/n_total). `token_losses`
         (n,) receives each token's loss when given."""
         head = W["embed"] if self.cfg.tie_embeddings else W["head"]
@@ -471,7 +476,7 @@ class _Worker:
 
     def backward(self, W: dict[str, np.ndarray], tokens: np.ndarray, rope_q: np.ndarray,
                  rope_k: np.ndarray) -> None:
-        """Needs forward() and head_loss(grad=True) first; fills self.grad."""
+        """Needs forward() and head_loss(grad=True) first; fills the bound gradient buffer."""
         G = self.grad_views
         dx = self.x  # the residual stream buffer now carries its gradient
         dx.fill(0.0)
@@ -538,9 +543,13 @@ class GPT:
         self.flat = self.layout.pack(init_weights(cfg, seed) if weights is None else weights)
         self.W = self.layout.views(self.flat)
         self.n_workers = default_workers() if workers is None else max(1, int(workers))
+        self.shares_per_worker = SHARES_PER_WORKER
         self._pool: ThreadPoolExecutor | None = None
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[tuple[int, int], _Worker] = {}
         self._rope_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._grad_acc: list[np.ndarray] = []  # per thread
+        self._grad_scratch: list[np.ndarray] = []
+        self._used_slots: list[int] = [0]
 
     # -- weights -----------------------------------------------------------------------------
     def named_weights(self) -> dict[str, np.ndarray]:
@@ -550,29 +559,54 @@ class GPT:
         self.layout.pack(weights, out=self.flat)
 
     # -- running -----------------------------------------------------------------------------
-    def _split(self, batch: int) -> list[tuple[int, int]]:
-        parts = min(self.n_workers, batch)
+    def _shares(self, batch: int) -> list[tuple[int, int]]:
+        """The batch in SHARES_PER_WORKER shares per worker: a worker that finishes first takes
+        the next share, so a core slowed by other work holds the step back less."""
+        parts = 1 if self.n_workers == 1 else min(batch, self.n_workers * self.shares_per_worker)
         edges = np.linspace(0, batch, parts + 1).round().astype(int)
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
-    def _worker(self, index: int, b: int, t: int) -> _Worker:
-        """Worker `index`'s buffers for a (b, t) share; rebuilt only when the shape changes."""
-        w = self._workers.get(index)
-        if w is None or (w.b, w.t) != (b, t):
-            self._workers[index] = w = _Worker(self.layout, b, t)
+    def _worker(self, slot: int, b: int, t: int) -> _Worker:
+        """Buffers of thread `slot` for a (b, t) share (kept for each share shape seen last)."""
+        key = (slot, b)
+        w = self._workers.get(key)
+        if w is None or w.t != t:
+            self._workers[key] = w = _Worker(self.layout, b, t)
         return w
 
-    def _run(self, fn: Callable[[_Worker, int, int], float], batch: int, t: int) -> list[float]:
-        """fn(worker, a, b) on each share [a, b) of the batch, in parallel with BLAS at 1 thread."""
-        parts = self._split(batch)
-        jobs = [(self._worker(i, b - a, t), a, b) for i, (a, b) in enumerate(parts)]
-        if len(jobs) == 1:
-            return [fn(*jobs[0])]
+    def _run(self, fn: Callable[[_Worker, int, int, int, bool], float], batch: int,
+             t: int) -> list[float]:
+        """fn(worker, a, b, slot, first) for every share [a, b) of the batch.
+
+        `slot` is the thread (0 .. workers-1) running it; `first` marks a thread's first share
+        of this call. Threads run with BLAS at one thread each.
+        """
+        shares = self._shares(batch)
+        slots = min(self.n_workers, len(shares))
+        for slot in range(slots):  # buffers made here, not concurrently in the threads
+            for a, b in shares:
+                self._worker(slot, b - a, t)
+        if slots == 1:
+            return [fn(self._worker(0, b - a, t), a, b, 0, i == 0)
+                    for i, (a, b) in enumerate(shares)]
+        pending = list(reversed(shares))
+        lock = threading.Lock()
+
+        def loop(slot: int) -> list[float]:
+            out: list[float] = []
+            while True:
+                with lock:
+                    if not pending:
+                        return out
+                    a, b = pending.pop()
+                out.append(fn(self._worker(slot, b - a, t), a, b, slot, not out))
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.n_workers, thread_name_prefix="fastnp")
         with blas_threads(1):
-            futures = [self._pool.submit(fn, *job) for job in jobs]
-            return [f.result() for f in futures]
+            futures = [self._pool.submit(loop, slot) for slot in range(slots)]
+            self._used_slots = [slot for slot, f in enumerate(futures) if f.result()]
+            return [x for f in futures for x in f.result()]
 
     def _ropes(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Rotations for positions 0..t-1: queries (with the 1/sqrt(head_dim) scale) and keys."""
@@ -601,16 +635,26 @@ class GPT:
         n_total = batch * t
         rope_q, rope_k = self._ropes(t)
 
-        def run(w: _Worker, a: int, b: int) -> float:
+        while len(self._grad_acc) < self.n_workers:
+            self._grad_acc.append(np.empty(self.layout.size, dtype=F32))
+            self._grad_scratch.append(np.empty(self.layout.size, dtype=F32))
+        self._used_slots = [0]
+
+        def run(w: _Worker, a: int, b: int, slot: int, first: bool) -> float:
+            # a thread's first share writes its accumulator; later shares add into it
+            w.bind_grad(self._grad_acc[slot] if first else self._grad_scratch[slot])
             w.forward(self.W, inputs[a:b], rope_q, rope_k)
             loss = w.head_loss(self.W, targets[a:b], n_total, grad=True)
             w.backward(self.W, inputs[a:b], rope_q, rope_k)
+            if not first:
+                self._grad_acc[slot] += self._grad_scratch[slot]
             return loss
 
         losses = self._run(run, batch, t)
-        grad = self._workers[0].grad
-        for i in range(1, len(losses)):
-            grad += self._workers[i].grad
+        used = self._used_slots
+        grad = self._grad_acc[used[0]]
+        for slot in used[1:]:
+            grad += self._grad_acc[slot]
         return sum(losses) / n_total, grad
 
     def loss_and_grads(self, inputs: np.ndarray, targets: np.ndarray
@@ -625,7 +669,7 @@ class GPT:
         batch, t = inputs.shape
         rope_q, rope_k = self._ropes(t)
 
-        def run(w: _Worker, a: int, b: int) -> float:
+        def run(w: _Worker, a: int, b: int, slot: int, first: bool) -> float:
             w.forward(self.W, inputs[a:b], rope_q, rope_k)
             return w.head_loss(self.W, targets[a:b], batch * t, grad=False)
 
@@ -638,7 +682,7 @@ class GPT:
         rope_q, rope_k = self._ropes(t)
         out = np.empty((batch, t), dtype=F32)
 
-        def run(w: _Worker, a: int, b: int) -> float:
+        def run(w: _Worker, a: int, b: int, slot: int, first: bool) -> float:
             w.forward(self.W, inputs[a:b], rope_q, rope_k)
             return w.head_loss(self.W, targets[a:b], batch * t, grad=False,
                                token_losses=out[a:b].reshape(-1))
@@ -654,7 +698,7 @@ class GPT:
         head = self.W["embed"] if self.config.tie_embeddings else self.W["head"]
         out = np.empty((batch, t, self.config.vocab_size), dtype=F32)
 
-        def run(w: _Worker, a: int, b: int) -> float:
+        def run(w: _Worker, a: int, b: int, slot: int, first: bool) -> float:
             w.forward(self.W, tokens[a:b], rope_q, rope_k)
             np.matmul(w.hf, head.T, out=out[a:b].reshape(-1, self.config.vocab_size))
             return 0.0

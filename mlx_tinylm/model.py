@@ -219,6 +219,14 @@ def make_cache(model: GPT) -> list[KVCache]:
     return [KVCache() for _ in model.model.layers]
 
 
+def token_losses(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Next-token cross-entropy of every position, (B, T), in nats."""
+    logits = model(inputs)
+    if use_cpu_ops():
+        return cpu_ops.token_cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
 def loss_fn(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
     """Mean next-token cross-entropy in nats."""
     logits = model(inputs)
@@ -258,6 +266,20 @@ def batch_streams() -> list[mx.Stream]:
         return []
     set_blas_threads(max(1, cores // 2))
     return [mx.new_stream(mx.cpu) for _ in range(2)]
+
+
+def split_rows(fn: Callable[..., mx.array], streams: list[mx.Stream],
+               *arrays: mx.array) -> mx.array:
+    """fn(*shares) on shares of the leading axis, each on its own stream, concatenated."""
+    n = arrays[0].shape[0]
+    if len(streams) < 2 or n < 2:
+        return fn(*arrays)
+    edges = [round(i * n / len(streams)) for i in range(len(streams) + 1)]
+    outs = []
+    for stream, a, b in zip(streams, edges[:-1], edges[1:], strict=True):
+        with mx.stream(stream):
+            outs.append(fn(*(x[a:b] for x in arrays)))
+    return mx.concatenate(outs, axis=0)
 
 
 def split_loss_and_grad(loss_and_grad: LossAndGrad, streams: list[mx.Stream], model: GPT,

@@ -119,3 +119,23 @@ def test_cached_decoding_on_cpu_formulations_equals_full_forward() -> None:
 
 def test_default_device_picks_the_cpu_formulations_only_on_the_cpu() -> None:
     assert mlx_model.use_cpu_ops() == (mx.default_device().type == mx.cpu)
+
+
+def test_batch_split_across_streams_gives_the_full_batch_loss_and_gradient() -> None:
+    cfg = small_config("relu2-untied")
+    model = mlx_model.GPT(cfg)
+    model.load_named_weights({k: mx.array(w) for k, w in wide_weights(cfg, 5).items()})
+    inputs, targets = (mx.array(a) for a in batch(cfg, seed=6, B=3))  # uneven shares: 1 + 2
+    loss_and_grad = nn.value_and_grad(model, mlx_model.loss_fn)
+    streams = mlx_model.batch_streams()
+    if len(streams) < 2:
+        pytest.skip("one core: the batch is not split")
+    loss, grads = mlx_model.split_loss_and_grad(loss_and_grad, streams, model, inputs, targets)
+    want_loss, want_grads = loss_and_grad(model, inputs, targets)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    for (name, g), (_, w) in zip(tree_flatten(grads), tree_flatten(want_grads), strict=True):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-7, err_msg=name)
+    per_token = mlx_model.split_rows(lambda x, y: mlx_model.token_losses(model, x, y), streams,
+                                     inputs, targets)
+    builtin = nn.losses.cross_entropy(model(inputs), targets, reduction="none")
+    np.testing.assert_allclose(np.array(per_token), np.array(builtin), rtol=1e-5)
