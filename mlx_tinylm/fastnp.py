@@ -3,9 +3,11 @@
 `reference.py` is the obviously-correct oracle; this module trades simplicity for speed on small
 CPUs, where it outruns both MLX's CPU backend and PyTorch eager (benchmarks/NOTES.md). The tricks:
 
-- **Two workers, each on its share of the batch**, with BLAS at one thread: NumPy releases the
-  GIL inside ufuncs and matmuls, so two Python threads keep two cores busy on everything — the
+- **One thread per core, each on shares of the batch**, with BLAS at one thread: NumPy releases
+  the GIL inside ufuncs and matmuls, so the threads keep every core busy on everything — the
   norms, softmax and activations too, not only the matmuls a threaded BLAS would parallelise.
+  Shares (two per thread) are handed out as threads free up, so a core slowed by other work
+  holds the step back less; each thread sums its shares' gradients, then the threads' sums add.
 - **Preallocated buffers** written with `out=`: no large temporaries, no page faults per step.
 - **RoPE as one complex multiply.** q/k weight rows are stored internally in an interleaved
   order, (x1[0], x2[0], x1[1], x2[1], ...) per head, so a head viewed as complex64 is
@@ -102,9 +104,10 @@ def blas_threads(n: int) -> Iterator[None]:
 
 
 def default_workers() -> int:
-    """Two workers on a machine with at least two cores when BLAS can be pinned to one thread."""
+    """One thread per core (up to 8) when BLAS can be pinned to one thread, else one thread with
+    a threaded BLAS."""
     cores = os.cpu_count() or 1
-    return 2 if cores >= 2 and can_pin_blas_threads() else 1
+    return min(cores, 8) if can_pin_blas_threads() else 1
 
 
 # ----- layout ------------------------------------------------------------------------------------
