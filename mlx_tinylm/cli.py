@@ -270,8 +270,15 @@ def eval_(
                f"({metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes)")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM is handled like Ctrl-C (training installs its own handler)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
     except TinyLMError as err:
