@@ -7,6 +7,7 @@ Commands parse flags, call one library function and present its result. User-fac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -280,7 +281,13 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        # Outside standalone mode Typer returns the code of a `typer.Exit` (and turns Ctrl-C
+        # into Exit(130)) instead of exiting with it.
+        code = app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                typer.echo("error: interrupted", err=True)
+            sys.exit(code)
     except TinyLMError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -292,6 +299,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; choose a smaller model or --batch-size", err=True)
+        sys.exit(1)
     except Exception as err:
         # Usage errors (bad flags) come from the click copy Typer ships; match them by shape.
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
@@ -299,7 +309,13 @@ def main() -> None:
             if message:  # an empty message means help was already shown
                 typer.echo(f"error: {message}", err=True)
             sys.exit(err.exit_code)
-        raise
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        # Anything else is a bug; still one line, with the way to see the traceback.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        typer.echo(f"error: unexpected {type(err).__name__}: {first} (a bug in mlx-tinylm; "
+                   "run again with TINYLM_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
