@@ -404,7 +404,9 @@ def _loop_state(saved: Any, run_dir: Path) -> LoopState:
         state = LoopState(**saved["loop"])
         ok = (isinstance(state.step, int) and state.step >= 0 and isinstance(state.tokens, int)
               and isinstance(state.elapsed, (int, float)) and math.isfinite(state.elapsed)
-              and isinstance(state.sampler, dict) and isinstance(state.losses, list))
+              and isinstance(state.sampler, dict) and isinstance(state.losses, list)
+              and (not state.sampler or all(isinstance(state.sampler.get(k), int)
+                                            for k in ("seed", "step"))))
     except (KeyError, TypeError):
         ok = False
     if not ok:
