@@ -52,6 +52,130 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     Console().print(table)
 
 
+@app.command()
+def presets(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """The named model sizes: shape, parameters, FLOPs per token, training memory."""
+    from .config import DEFAULT_PRESET, PRESETS, format_count, preset_summary
+
+    rows = {name: preset_summary(name) for name in PRESETS}
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"presets (default: {DEFAULT_PRESET})", title_justify="left")
+    for col in ("name", "d_model", "layers", "heads", "context", "params", "FLOPs/token",
+                "memory (batch 32)"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for name, r in rows.items():
+        table.add_row(name, str(r["d_model"]), str(r["n_layers"]), str(r["n_heads"]),
+                      str(r["context_length"]), format_count(r["params"]),
+                      format_count(r["flops_per_token"]), f"{r['memory_bytes'] / 2**20:,.0f} MiB")
+    Console().print(table)
+
+
+# ----- plan and sweep -------------------------------------------------------------------------
+
+@app.command()
+def plan(
+    minutes: float = typer.Option(5.0, help="Training budget to plan for."),
+    params: str = typer.Option(None, help="Check one size instead, e.g. 10M (with --tokens)."),
+    tokens: str = typer.Option(None, help="Training tokens for --params, e.g. 200M."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch for --params."),
+    engine: str = typer.Option("auto", help="auto, mlx or numpy."),
+    seconds: float = typer.Option(1.0, help="Measuring time per candidate shape."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The strongest model for N minutes here: measured throughput + memory + a fitted loss law."""
+    from . import plan as planner
+
+    if params is not None or tokens is not None:
+        if params is None or tokens is None:
+            fail("--params and --tokens go together, e.g. --params 10M --tokens 200M")
+        result = planner.check_size(planner.parse_count(params), planner.parse_count(tokens),
+                                    batch_size, engine, seconds=seconds)
+        typer.echo(json.dumps(result) if as_json else "\n".join(planner.describe_check(result)))
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def progress(i: int, n: int, cfg: object) -> None:
+        if not as_json:
+            console.print(f"measuring {i + 1}/{n}: d_model {cfg.d_model}, "  # type: ignore
+                          f"{cfg.n_layers} layers", end="\r")  # type: ignore
+
+    result = planner.make_plan(minutes, engine, seconds_per_shape=seconds, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    _print_plan(result)
+
+
+def _print_plan(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import format_count
+
+    table = Table(title=f"plan for {result['minutes']:g} minutes on {result['device']} "
+                  f"({result['engine']} engine)", title_justify="left")
+    for col in ("shape", "params", "tok/s", "tokens", "tok/param", "memory", "pred. bpb"):
+        table.add_column(col, justify="left" if col == "shape" else "right")
+    for r in result["candidates"]:
+        mark = "bold green" if r == result["pick"] else ("dim" if not r["fits"] else None)
+        table.add_row(f"d{r['d_model']} L{r['n_layers']} H{r['n_heads']} T{r['context']} "
+                      f"B{r['batch_size']}", format_count(r["params"]), f"{r['tok_s']:,.0f}",
+                      format_count(r["tokens"]), f"{r['tokens_per_param']:.1f}",
+                      f"{r['memory_bytes'] / 2**20:,.0f} MiB" + ("" if r["fits"] else " ✗"),
+                      f"{r['predicted_bpb']:.3f}", style=mark)
+    console = Console()
+    console.print(table)
+    console.print(f"pick: [bold]{result['command']}[/bold]")
+
+
+@app.command()
+def sweep(
+    minutes: float = typer.Option(None, help="Budget per size in minutes (default 2)."),
+    tokens: int = typer.Option(None, help="Budget per size in tokens instead."),
+    presets: str = typer.Option("nano,micro,tiny,mini,small", help="Comma-separated presets."),
+    data: str = typer.Option(None, help="A prepared data folder."),
+    files: list[str] = typer.Option(None, help="Local text files."),
+    val_files: list[str] = typer.Option(None, help="Validation files for --files."),
+    out: str = typer.Option(None, help="Sweep folder (default models/sweep-<timestamp>)."),
+    engine: str = typer.Option("auto", help="auto, mlx or numpy."),
+    fit: bool = typer.Option(False, help="Refit the planner's loss-law constants from this sweep."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Train several sizes at the same budget, one after another; table + plot (+ refit)."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from . import plan as planner
+    from . import train as training
+
+    if minutes is not None and tokens is not None:
+        fail("give only one of --minutes and --tokens")
+    if minutes is None and tokens is None:
+        minutes = 2.0
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if not names:
+        fail("--presets needs at least one preset name")
+    prepared = training.load_data(data, files, val_files, progress=not as_json)
+    folder = Path(out or f"models/sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    result = planner.run_sweep(minutes, names, prepared, folder, fit=fit, tokens=tokens,
+                               engine=engine)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for r in result["rows"]:
+        typer.echo(f"{r['preset']:>8}  {r['params']:>10,} params  {r['tokens']:>11,} tokens  "
+                   f"{r['tokens_per_param']:6.1f} tok/param  {r['tok_s']:8,.0f} tok/s  "
+                   f"bpb {r['val_bpb']:.4f}")
+    typer.echo(f"best: {result['best']['preset']} · table and plot in {folder}")
+
+
 # ----- train -------------------------------------------------------------------------------------
 
 @app.command()

@@ -273,6 +273,13 @@ def preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
+def preset_summary(name: str, batch_size: int = 32) -> dict[str, Any]:
+    """Shape and cost facts of a preset (what `tinylm presets` prints)."""
+    cfg = preset(name)
+    return {**cfg.to_dict(), "params": cfg.n_params, "flops_per_token": cfg.flops_per_token(),
+            "memory_bytes": cfg.training_memory_bytes(batch_size)}
+
+
 def format_count(n: float) -> str:
     """1234567 -> '1.23M' (parameters, tokens)."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
