@@ -457,6 +457,10 @@ Sample again with `{summary['sample_command']}`.
 
 def resolve_engine(name: str, cfg: ModelConfig, batch_size: int) -> str:
     """'auto' -> MLX on a GPU; on a CPU, whichever engine measures faster for this model."""
+    from .config import ENGINES
+
+    if name not in ENGINES:
+        raise TinyLMError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
     if name != "auto":
         return name
     from .device import device_name

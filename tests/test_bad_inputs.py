@@ -1,8 +1,8 @@
 """Hostile input to every command: each case exits non-zero with one line on stderr that says what
 is wrong (the needle), and no traceback anywhere.
 
-One table covers `info`, `data prepare`, `train` (new runs and --resume), `sample` and `eval`; the
-processes run in parallel, as a user's shell would start them.
+One table covers `info`, `presets`, `plan`, `sweep`, `data prepare`, `train` (new runs and
+--resume), `sample` and `eval`; the processes run in parallel, as a user's shell would start them.
 """
 
 from __future__ import annotations
@@ -138,6 +138,24 @@ CASES: list[tuple[str, list[str], str]] = [
     ("info-probe-text", ["info", "--probe-seconds", "abc"], "valid number"),
     ("unknown-command", ["frobnicate"], "no such command"),
     ("unknown-flag", ["train", "--bogus"], "no such option"),
+    ("presets-unknown-flag", ["presets", "--bogus"], "no such option"),
+    # plan and sweep
+    ("plan-minutes-nan", ["plan", "--minutes", "nan"], "--minutes"),
+    ("plan-params-text", ["plan", "--params", "abc", "--tokens", "1M"], "cannot read 'abc'"),
+    ("plan-params-alone", ["plan", "--params", "10M"], "go together"),
+    ("plan-batch-zero", ["plan", "--params", "1M", "--tokens", "1M", "--batch-size", "0"],
+     "--batch-size"),
+    ("plan-seconds-inf", ["plan", "--params", "1M", "--tokens", "1M", "--seconds", "inf"],
+     "--seconds"),
+    ("plan-engine-unknown", ["plan", "--params", "1M", "--tokens", "1M", "--engine", "cuda"],
+     "--engine"),
+    ("sweep-unknown-preset", ["sweep", "--data", "{data}", "--presets", "nano,gigantic"],
+     "unknown preset"),
+    ("sweep-no-presets", ["sweep", "--data", "{data}", "--presets", ","], "at least one"),
+    ("sweep-two-budgets", ["sweep", "--minutes", "1", "--tokens", "5"], "only one of"),
+    ("sweep-data-missing", ["sweep", "--data", "{missing}"], "not a prepared data folder"),
+    ("sweep-out-is-file", ["sweep", "--data", "{data}", "--presets", "nano", "--tokens", "100",
+                           "--out", "{a_file}"], "cannot create the sweep folder"),
     # data prepare
     ("prepare-missing", ["data", "prepare", "--files", "{missing}"], "does not exist"),
     ("prepare-empty", ["data", "prepare", "--files", "{empty}"], "is empty"),
@@ -234,7 +252,8 @@ def ws(prepared, slice_files, tmp_path_factory) -> Workspace:
 
 def test_the_table_covers_every_command_with_enough_cases():
     commands = {argv[0] if argv[0] != "data" else "data prepare" for _, argv, _ in CASES}
-    assert commands >= {"info", "data prepare", "train", "sample", "eval"}
+    assert commands >= {"info", "presets", "plan", "sweep", "data prepare", "train", "sample",
+                        "eval"}
     assert len(CASES) >= 25
     assert len({case_id for case_id, _, _ in CASES}) == len(CASES)
 
