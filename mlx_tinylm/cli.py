@@ -421,7 +421,7 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
     except MemoryError:
         typer.echo("error: out of memory; choose a smaller model or --batch-size", err=True)
