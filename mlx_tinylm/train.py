@@ -370,6 +370,9 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
                 if last:
                     break
             save()
+            if stop.signal is not None:  # Ctrl-C during the last step or the final save
+                raise Interrupted(f"training interrupted after its last step ({state.step}); "
+                                  f"checkpoint saved in {run_dir}")
     finally:
         prefetch.close()
 

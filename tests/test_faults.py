@@ -270,3 +270,23 @@ def test_sigterm_before_training_starts_is_a_one_line_exit_130(prepared, tmp_pat
     assert result.returncode == 130
     assert_clean_failure(result, "interrupted")
     assert not (run / checkpoint.LOCK).exists()
+
+
+def test_ctrl_c_during_the_final_save_keeps_it_and_exits_130(prepared, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_tinylm", "train", "--data", str(prepared.path),
+         "--steps", "3", *TINY_FLAGS, "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), checkpoint._DELAY_ENV: "1.0"})
+    deadline = time.monotonic() + 60
+    while not (run / "checkpoint.new").exists():  # the one save: after the last step
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc)
+    assert result.returncode == 130
+    assert_clean_failure(result, "interrupted after its last step (3)")
+    _, _, state = checkpoint.load_checkpoint(run)
+    assert state["loop"]["step"] == 3
+    assert not (run / "README.md").exists()  # the final evaluation was skipped
