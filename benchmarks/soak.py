@@ -1,7 +1,7 @@
 """Soak: a long run of the default model, watching memory and throughput for drift (not CI).
 
     python benchmarks/soak.py                                   # 30 minutes, default model
-    python benchmarks/soak.py --minutes 2 --early-minute 0.5    # a quick check that it works
+    python benchmarks/soak.py --minutes 2 --early-minute 0.5 --window 0.25   # a quick check
     python benchmarks/soak.py --json benchmarks/results/soak-$(date +%F).json
 
 It trains exactly what `tinylm train` trains by default (preset, batch, schedule, periodic
@@ -11,8 +11,8 @@ the end it reports
 
 - peak memory at `--early-minute` (default 5) and at the end, and their ratio (goal: within 5%);
 - current resident memory at the same two points (a leak shows here first);
-- throughput per minute of training, and how far the slowest and fastest minutes after the first
-  are from their median (goal: steady).
+- throughput per minute of training (`--window`), and how far the slowest and fastest windows
+  after the first are from their median (goal: steady).
 
 Minutes are budget minutes: the training clock, which evaluation and checkpoints pause.
 """
@@ -63,6 +63,7 @@ class SoakLog(PlainLog):
         self.records.append({"step": m["step"], "elapsed": m["elapsed"], "tokens": m["tokens"],
                              "peak_mem": m["peak_mem"], "rss": current_rss_bytes(),
                              "mlx_active": int(mx.get_active_memory()),
+                             "mlx_cache": int(mx.get_cache_memory()),
                              "wall": time.monotonic()})
         super().step(m)
 
@@ -72,15 +73,17 @@ def at_minute(records: list[dict[str, Any]], minute: float) -> dict[str, Any]:
     return next((r for r in records if r["elapsed"] >= minute * 60), records[-1])
 
 
-def per_minute_throughput(records: list[dict[str, Any]]) -> list[float]:
-    """Training tok/s over each whole minute of budget time."""
+def windowed_throughput(records: list[dict[str, Any]], window_s: float) -> list[float]:
+    """Training tok/s over each window of budget time (a last partial one if over half full)."""
     out = []
-    minute = 1
-    start = records[0]
+    start, end = records[0], window_s
     for r in records:
-        if r["elapsed"] >= minute * 60:
+        if r["elapsed"] >= end:
             out.append((r["tokens"] - start["tokens"]) / (r["elapsed"] - start["elapsed"]))
-            start, minute = r, minute + 1
+            start, end = r, end + window_s
+    last = records[-1]
+    if last is not start and last["elapsed"] - start["elapsed"] >= window_s / 2:
+        out.append((last["tokens"] - start["tokens"]) / (last["elapsed"] - start["elapsed"]))
     return out
 
 
@@ -88,11 +91,20 @@ def mib(n: float) -> float:
     return round(n / 2**20, 1)
 
 
+def point(r: dict[str, Any]) -> dict[str, float]:
+    """Memory at one record, in MiB: process peak, resident now, MLX arrays, MLX buffer cache."""
+    return {"minute": round(r["elapsed"] / 60, 2), "peak_mib": mib(r["peak_mem"]),
+            "rss_mib": mib(r["rss"]), "mlx_active_mib": mib(r["mlx_active"]),
+            "mlx_cache_mib": mib(r["mlx_cache"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training budget")
     parser.add_argument("--early-minute", type=float, default=5.0,
                         help="the early point memory is compared with")
+    parser.add_argument("--window", type=float, default=1.0,
+                        help="minutes per throughput window")
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--data", help="a prepared data folder (default: the shared files)")
@@ -117,8 +129,8 @@ def main() -> None:
 
     rec = log.records
     early, end = at_minute(rec, args.early_minute), rec[-1]
-    minutes = per_minute_throughput(rec)
-    steady = minutes[1:] or minutes  # the first minute holds compilation
+    windows = windowed_throughput(rec, args.window * 60)
+    steady = windows[1:] or windows  # the first window holds compilation
     median = statistics.median(steady) if steady else 0.0
     result = {
         "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
@@ -126,13 +138,11 @@ def main() -> None:
         "params": summary["params"], "budget_minutes": args.minutes,
         "wall_minutes": round(wall / 60, 2), "steps": summary["steps"],
         "tokens": summary["tokens"], "val_bpb": summary["val_bpb"],
-        "early": {"minute": round(early["elapsed"] / 60, 2), "peak_mib": mib(early["peak_mem"]),
-                  "rss_mib": mib(early["rss"]), "mlx_active_mib": mib(early["mlx_active"])},
-        "end": {"minute": round(end["elapsed"] / 60, 2), "peak_mib": mib(end["peak_mem"]),
-                "rss_mib": mib(end["rss"]), "mlx_active_mib": mib(end["mlx_active"])},
+        "early": point(early), "end": point(end),
         "peak_ratio_end_to_early": round(end["peak_mem"] / early["peak_mem"], 4),
         "rss_ratio_end_to_early": round(end["rss"] / early["rss"], 4),
-        "tok_s_per_minute": [round(x) for x in minutes],
+        "window_minutes": args.window,
+        "tok_s_per_window": [round(x) for x in windows],
         "tok_s_median": round(median),
         "tok_s_spread": ([round(min(steady) / median - 1, 4), round(max(steady) / median - 1, 4)]
                          if steady else None),
@@ -141,8 +151,8 @@ def main() -> None:
     ok_mem = result["peak_ratio_end_to_early"] <= 1.05
     print(f"peak memory {result['early']['peak_mib']} MiB at minute {result['early']['minute']} "
           f"-> {result['end']['peak_mib']} MiB at minute {result['end']['minute']} "
-          f"({'within' if ok_mem else 'NOT within'} 5%); throughput per minute "
-          f"{result['tok_s_per_minute']} tok/s")
+          f"({'within' if ok_mem else 'NOT within'} 5%); throughput per {args.window:g} min "
+          f"{result['tok_s_per_window']} tok/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
