@@ -188,7 +188,8 @@ def train(
                                     ".parquet)."),
     val_files: list[str] = typer.Option(None, help="Validation files for --files."),
     dataset: str = typer.Option(None, help="Hub dataset (default roneneldan/TinyStories)."),
-    preset: str = typer.Option(None, help="Model size preset (see tinylm presets)."),
+    preset: str = typer.Option("auto", help="Model size preset (tinylm presets), or auto: "
+                               "the planner's pick for this machine and budget."),
     d_model: int = typer.Option(None, "--d-model", help="Override the preset's width."),
     layers: int = typer.Option(None, help="Override the preset's depth."),
     heads: int = typer.Option(None, help="Override the preset's attention heads."),
@@ -210,7 +211,7 @@ def train(
     from dataclasses import replace
 
     from . import train as training
-    from .config import DEFAULT_PRESET, OptimConfig, TrainConfig
+    from .config import OptimConfig, TrainConfig
     from .dashboard import make_reporter
 
     budgets = [b for b in (minutes, steps, tokens) if b is not None]
@@ -229,8 +230,9 @@ def train(
         prepared = training.load_data(data, files, val_files, dataset, progress=not as_json)
         overrides = {"d_model": d_model, "n_layers": layers, "n_heads": heads,
                      "context_length": context, "mlp": mlp}
-        spec = training.build_spec(prepared, preset=preset or DEFAULT_PRESET, overrides=overrides,
-                                   optim=optim, train_cfg=train_cfg, out=out, force=force)
+        spec = training.build_spec(prepared, preset=preset, overrides=overrides, optim=optim,
+                                   train_cfg=train_cfg, out=out, force=force,
+                                   reporter_message=reporter.message)
     try:
         training.train(spec, prepared, reporter)
     finally:
@@ -330,7 +332,9 @@ def sample(
                                 "likely than this times the most likely one (0: off)."),
     repetition_penalty: float = typer.Option(_sampling_defaults().repetition_penalty,
                                              "--repetition-penalty",
-                                             help="Penalise tokens of the last 64 (1: off)."),
+                                             help="Penalise tokens of the last "
+                                             f"{_sampling_defaults().repetition_window} "
+                                             "(1: off)."),
     seed: int = typer.Option(None, help="Seed for reproducible samples (default: a fresh one, "
                              "reported on stderr)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt."),
@@ -339,37 +343,44 @@ def sample(
                                  "streamed text."),
 ) -> None:
     """Stream samples from a trained model, token by token."""
-    from . import generate as gen
-    from .sampling import SamplerConfig
+    from .sampling import SamplerConfig, check_max_tokens
 
+    # Bad flags fail before MLX is even imported.
     sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty)
-    gen.check_max_tokens(max_tokens)
+                            repetition_penalty=repetition_penalty)
+    check_max_tokens(max_tokens)
     if num_samples <= 0:
         fail(f"--num-samples must be a positive integer, got {num_samples}")
+    from . import generate as gen
+
     model, tokenizer = gen.load(run_dir)
+    if prompt is None and sys.stdin.isatty():
+        typer.echo("reading prompts from stdin, one per line (Ctrl-D to end)", err=True)
     prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
-    first = True
-    for text in prompts:
-        for k in range(num_samples):
-            stats = gen.GenerationStats()
-            pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
-                                  None if seed is None else seed + k, not no_stop, stats=stats)
-            if as_json:
-                out = "".join(pieces)
-                typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
-                continue
-            if not first:
-                sys.stdout.write("\n")
-            first = False
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            for piece in pieces:
-                sys.stdout.write(piece)
+    try:
+        for i, text in enumerate(prompts):
+            for k in range(num_samples):
+                stats = gen.GenerationStats()
+                pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
+                                      None if seed is None else seed + k, not no_stop,
+                                      stats=stats)
+                if as_json:
+                    out = "".join(pieces)
+                    typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
+                    continue
+                if i or k:
+                    sys.stdout.write("\n")
+                sys.stdout.write(text)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            typer.echo(stats.summary(), err=True)
+                for piece in pieces:
+                    # With --no-stop a new story follows end-of-document (which decodes to "").
+                    sys.stdout.write("\n\n" if piece.token == tokenizer.eos_id else piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                typer.echo(stats.summary(), err=True)
+    except BrokenPipeError:  # `tinylm sample ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command("eval")

@@ -217,7 +217,7 @@ class TrainConfig:
     decay: float = 0.4
     final_lr_frac: float = 0.0
     eval_every: float = 0.1  # periodic validation, as a fraction of the budget
-    eval_batches: int = 8  # fixed validation subset size, in batches
+    eval_batches: int = 4  # fixed validation subset size, in batches
     checkpoint_every_minutes: float = 2.0
     sample_tokens: int = 48  # length of the sample continuation shown at each evaluation
     log_every_s: float = 0.5  # how often a step is logged and drawn

@@ -25,13 +25,13 @@ import numpy as np
 
 from . import __version__, checkpoint
 from .config import ModelConfig, OptimConfig, TrainConfig
-from .data import BatchSampler, PreparedData, eval_batches
+from .data import BatchSampler, PreparedData
 from .engine import Engine, make_engine
 from .errors import TinyLMError
 from .schedule import Schedule
 
-LN2 = math.log(2.0)
 DEFAULT_PROMPT = "Once upon a time"
+AUTO_PRESET = "auto"
 
 
 class TrainingDiverged(TinyLMError):
@@ -72,22 +72,10 @@ def default_run_name(preset: str) -> str:
 
 def evaluate_split(engine: Engine, tokens: np.ndarray, n_bytes: int, context: int,
                    batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-    """Loss, ppl and bpb over a split (or its first `max_batches` fixed windows).
+    """Loss, ppl and bpb of the engine's weights over a split (or its first `max_batches`)."""
+    from .generate import window_metrics
 
-    Over the whole split bpb is exact; on a subset it uses the split's mean bytes per token.
-    """
-    total, count = 0.0, 0
-    for i, (x, y, mask) in enumerate(eval_batches(tokens, context, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        total += engine.eval_loss(x, y, mask)
-        count += int(mask.sum())
-    if count == 0:
-        raise TinyLMError("the validation split has no tokens to evaluate")
-    loss = total / count
-    covered_bytes = n_bytes if count >= len(tokens) - 1 else n_bytes * count / max(len(tokens), 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / (LN2 * covered_bytes),
-            "tokens": count}
+    return window_metrics(engine.eval_loss, tokens, n_bytes, context, batch_size, max_batches)
 
 
 def sample_text(engine: Engine, data: PreparedData, prompt: str, max_tokens: int, seed: int,
@@ -274,7 +262,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     tokens_per_step = t.batch_size * cfg.context_length
     kind = t.budget_kind
     schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac)
-    bytes_per_token = data.n_bytes("val") / max(data.n_tokens("val"), 1)
 
     reporter.start({
         "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
@@ -296,7 +283,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     def periodic_eval() -> dict[str, Any]:
         m = evaluate_split(engine, val_tokens, data.n_bytes("val"), cfg.context_length,
                            t.batch_size, max_batches=t.eval_batches)
-        m["bpb"] = m["loss"] / (LN2 * bytes_per_token)
         record = {"event": "eval", "step": state.step, "tokens": state.tokens,
                   "elapsed": state.elapsed, "val_loss": m["loss"], "val_ppl": m["ppl"],
                   "val_bpb": m["bpb"]}
@@ -537,13 +523,18 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
 
 
 def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], optim: OptimConfig,
-               train_cfg: TrainConfig, out: str | Path | None, force: bool = False) -> RunSpec:
+               train_cfg: TrainConfig, out: str | Path | None, force: bool = False,
+               reporter_message: Any = None) -> RunSpec:
     """Resolve model shape, engine and run folder for a new run; check it fits in memory."""
     from .config import preset as get_preset
     from .device import available_memory_bytes
 
-    base = get_preset(preset)
     changes = {k: v for k, v in overrides.items() if v is not None}
+    extra: dict[str, Any] = {}
+    if preset == AUTO_PRESET:
+        base, train_cfg, extra = _auto_preset(data, train_cfg, changes, reporter_message)
+    else:
+        base = get_preset(preset)
     model = base.with_(vocab_size=data.tokenizer.vocab_size, **changes)
     needed = model.training_memory_bytes(train_cfg.batch_size)
     available = available_memory_bytes()
@@ -558,4 +549,25 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
         raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "
                           "another --out")
     return RunSpec(run_dir=run_dir, model=model, optim=optim, train=train_cfg, engine=engine,
-                   preset=preset)
+                   preset=preset, extra=extra)
+
+
+def _auto_preset(data: PreparedData, train_cfg: TrainConfig, changes: dict[str, Any],
+                 message: Any) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """`--preset auto`: the planner's pick for a time budget (measured once per device and
+    budget, then cached); the default preset when a shape flag or a step/token budget is given."""
+    from dataclasses import replace
+
+    from .config import DEFAULT_PRESET
+    from .config import preset as get_preset
+    from .plan import cached_plan
+
+    if changes or train_cfg.budget_kind != "time":
+        return get_preset(DEFAULT_PRESET), train_cfg, {}
+    if message is not None:
+        message("planning the model size for this machine and budget (once; then cached)")
+    plan = cached_plan(train_cfg.minutes or 5.0, train_cfg.engine, data.tokenizer.vocab_size)
+    base = ModelConfig.from_dict(plan["pick_config"])
+    train_cfg = replace(train_cfg, batch_size=plan["pick"]["batch_size"])
+    return base, train_cfg, {"plan": {"pick": plan["pick"], "command": plan["command"],
+                                      "engine": plan["engine"], "date": plan["date"]}}
