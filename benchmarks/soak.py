@@ -4,8 +4,9 @@
     python benchmarks/soak.py --minutes 2 --early-minute 0.5 --window 0.25   # a quick check
     python benchmarks/soak.py --json benchmarks/results/soak-$(date +%F).json
 
-It trains exactly what `tinylm train` trains by default (preset, batch, schedule, periodic
-evaluation, samples and checkpoints) on the shared TinyStories files, and records at every logged
+It trains the default preset (`tiny`; `--preset auto` for the planner's pick) with everything
+`tinylm train` does by default (batch, schedule, periodic evaluation, samples, checkpoints) on the
+shared TinyStories files, and records at every logged
 step: the process's peak and current resident memory, MLX's active memory and tokens so far. At
 the end it reports
 

@@ -234,7 +234,7 @@ CASES: list[tuple[str, list[str], str]] = [
      "--num-samples"),
     # eval
     ("eval-files-missing", ["eval", "{run}", "--files", "{missing}"], "does not exist"),
-    ("eval-files-empty", ["eval", "{run}", "--files", "{empty}"], "no text"),
+    ("eval-files-empty", ["eval", "{run}", "--files", "{empty}"], "empty"),
     ("eval-files-binary", ["eval", "{run}", "--files", "{binary}"], "not utf-8"),
     ("eval-wrong-tokenizer-data", ["eval", "{run}", "--data", "{other_data}"],
      "different tokenizer"),
