@@ -448,10 +448,23 @@ def bench(
                            f"{result['agreement']['tolerance']:g}); results saved in {path}")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM is handled like Ctrl-C (training installs its own handler)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        # Outside standalone mode Typer returns the code of a `typer.Exit` (and turns Ctrl-C
+        # into Exit(130)) instead of exiting with it.
+        code = app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                typer.echo("error: interrupted", err=True)
+            sys.exit(code)
     except TinyLMError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -461,8 +474,11 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; choose a smaller model or --batch-size", err=True)
+        sys.exit(1)
     except Exception as err:
         # Usage errors (bad flags) come from the click copy Typer ships; match them by shape.
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
@@ -470,7 +486,13 @@ def main() -> None:
             if message:  # an empty message means help was already shown
                 typer.echo(f"error: {message}", err=True)
             sys.exit(err.exit_code)
-        raise
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        # Anything else is a bug; still one line, with the way to see the traceback.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        typer.echo(f"error: unexpected {type(err).__name__}: {first} (a bug in mlx-tinylm; "
+                   "run again with TINYLM_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

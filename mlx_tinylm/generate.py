@@ -283,8 +283,8 @@ def load(run_dir: str | Path) -> tuple[GPT, Any]:
         raise LoadError(f"{tokenizer_path}: {err}") from None
     except Exception as err:  # sentencepiece reports a bad model file as a RuntimeError
         raise LoadError(f"{tokenizer_path} is not a readable tokenizer ({err})") from None
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise LoadError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model "
+    if tokenizer.vocab_size != cfg.vocab_size:  # a smaller one would index past its tables
+        raise LoadError(f"{tokenizer_path} has {tokenizer.vocab_size} tokens but the model has "
                         f"{cfg.vocab_size}; the tokenizer belongs to another run")
     return model, tokenizer
 

@@ -119,11 +119,20 @@ def candidate_grid(vocab_size: int, widths: tuple[int, ...] = (64, 96, 128, 192,
     return grid
 
 
+def check_measuring(seconds: float, batch_size: int) -> None:
+    """One-line errors for settings that would hang or break a measurement."""
+    if not (math.isfinite(seconds) and 0 < seconds <= 600):
+        raise TinyLMError(f"--seconds must be in (0, 600], got {seconds}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise TinyLMError(f"--batch-size must be a positive integer, got {batch_size}")
+
+
 def measure_throughput(cfg: ModelConfig, batch_size: int, engine: str,
                        seconds: float = 1.0, min_steps: int = 2) -> float:
     """Steady-state training tok/s of one shape on `engine` (compile and warm-up excluded)."""
     from .engine import make_engine
 
+    check_measuring(seconds, batch_size)
     eng = make_engine(engine, cfg, OptimConfig())
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (batch_size, cfg.context_length), dtype=np.int32)
@@ -178,6 +187,7 @@ def make_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
 
     if not (minutes > 0 and math.isfinite(minutes)):
         raise TinyLMError(f"--minutes must be > 0, got {minutes}")
+    check_measuring(seconds_per_shape, 1)
     law = law or LossLaw.load()
     grid = grid or candidate_grid(vocab_size)
     engine = resolve_engine(engine, grid[len(grid) // 2][0], grid[len(grid) // 2][1])
@@ -270,6 +280,7 @@ def check_size(params: float, tokens: float, batch_size: int = 32, engine: str =
     from .device import available_memory_bytes, device_name
     from .train import resolve_engine
 
+    check_measuring(seconds, batch_size)
     cfg = shape_for_params(params, vocab_size)
     available = available_memory_bytes()
     mem = cfg.training_memory_bytes(batch_size)
@@ -336,7 +347,11 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     from .train import build_spec, train
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TinyLMError(f"cannot create the sweep folder {out} ({err.strerror or err}); "
+                          "choose another --out") from None
     rows = []
     for name in presets:
         get_preset(name)  # unknown names fail before any training

@@ -221,7 +221,11 @@ def run_config(spec: RunSpec, data: PreparedData) -> dict[str, Any]:
 def train(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict[str, Any]:
     """Train per `spec` on `data`, reporting to `reporter`; returns the final summary."""
     run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TinyLMError(f"cannot create the run folder {run_dir} ({err.strerror or err}); "
+                          "choose another --out") from None
     with checkpoint.run_lock(run_dir, warn=reporter.message):
         return _train_locked(spec, data, reporter)
 
@@ -240,7 +244,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     weights = optimizer = None
     if spec.resume:
         weights, optimizer, saved = checkpoint.load_checkpoint(run_dir)
-        state = LoopState(**saved["loop"])
+        state = _loop_state(saved, run_dir)
+        checkpoint.check_weights(weights, cfg.param_shapes(), checkpoint.checkpoint_dir(run_dir))
     engine = make_engine(spec.engine, cfg, spec.optim, t.seed, weights, optimizer)
     sampler = BatchSampler(train_tokens, t.batch_size, cfg.context_length, t.seed)
     if state.sampler:
@@ -351,6 +356,9 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
                 if last:
                     break
             save()
+            if stop.signal is not None:  # Ctrl-C during the last step or the final save
+                raise Interrupted(f"training interrupted after its last step ({state.step}); "
+                                  f"checkpoint saved in {run_dir}")
     finally:
         prefetch.close()
 
@@ -377,6 +385,24 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     _write_artefacts(run_dir, spec, summary)
     reporter.finish(summary)
     return summary
+
+
+def _loop_state(saved: Any, run_dir: Path) -> LoopState:
+    """The loop state of a checkpoint's state.json, checked field by field."""
+    try:
+        state = LoopState(**saved["loop"])
+        ok = (isinstance(state.step, int) and state.step >= 0 and isinstance(state.tokens, int)
+              and isinstance(state.elapsed, (int, float)) and math.isfinite(state.elapsed)
+              and isinstance(state.sampler, dict) and isinstance(state.losses, list)
+              and (not state.sampler or all(isinstance(state.sampler.get(k), int)
+                                            for k in ("seed", "step"))))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise checkpoint.CheckpointError(
+            f"{run_dir / checkpoint.CHECKPOINT / checkpoint.STATE} does not hold a valid training "
+            "state; the checkpoint is damaged and cannot be resumed")
+    return state
 
 
 def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
@@ -420,6 +446,10 @@ Sample again with `{summary['sample_command']}`.
 
 def resolve_engine(name: str, cfg: ModelConfig, batch_size: int) -> str:
     """'auto' -> MLX on a GPU; on a CPU, whichever engine measures faster for this model."""
+    from .config import ENGINES
+
+    if name not in ENGINES:
+        raise TinyLMError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
     if name != "auto":
         return name
     from .device import device_name
@@ -460,10 +490,12 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
     if out is None:
         raise TinyLMError("--resume needs --out RUN_DIR (the run folder to continue)")
     run_dir = Path(out)
-    saved = checkpoint.read_config(run_dir)
+    if not run_dir.is_dir():
+        raise TinyLMError(f"run folder {run_dir} does not exist; check --out")
     if checkpoint.checkpoint_dir(run_dir) is None:
         raise TinyLMError(f"{run_dir} has no checkpoint to resume from (the run stopped "
                           "before its first save); start it again without --resume")
+    saved = checkpoint.read_config(run_dir)
     try:
         spec = RunSpec(run_dir=run_dir, model=ModelConfig.from_dict(saved["model"]),
                        optim=OptimConfig(**{**saved["optim"],
@@ -471,10 +503,23 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
                        train=TrainConfig(**saved["train"]), engine=saved["engine"],
                        preset=saved.get("preset", "custom"), resume=True)
         data_path = saved["data"]["path"]
-    except (KeyError, TypeError) as err:
-        raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete ({err}); "
-                          "it cannot be resumed") from None
-    return spec, load_prepared(data_path)
+    except (KeyError, TypeError, ValueError) as err:
+        raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete or damaged "
+                          f"({type(err).__name__}: {err}); it cannot be resumed") from None
+    if not isinstance(data_path, str) or not Path(data_path).is_dir():
+        raise TinyLMError(f"the data {run_dir} was trained on is not at {data_path!r} any more; "
+                          "put it back (tinylm data prepare) to resume")
+    data = load_prepared(data_path)
+    run_tokenizer = run_dir / checkpoint.TOKENIZER
+    if run_tokenizer.is_file() and (run_tokenizer.read_bytes()
+                                    != Path(data.tokenizer.model_path).read_bytes()):
+        raise TinyLMError(f"{data_path} now holds data tokenised differently from {run_dir}'s "
+                          "tokenizer; it cannot be resumed on it (start a new run instead)")
+    if data.tokenizer.vocab_size != spec.model.vocab_size:
+        raise TinyLMError(f"{data_path} has a {data.tokenizer.vocab_size}-token vocabulary but "
+                          f"the run's model has {spec.model.vocab_size}; it cannot be resumed "
+                          "on it")
+    return spec, data
 
 
 def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], optim: OptimConfig,
