@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--out", help="also write the result JSON here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     cfg = preset(args.preset)
     model = GPT(cfg)
     model.init_weights(seed=0)
@@ -97,6 +99,9 @@ def main() -> None:
         "cached_runs": [round(v, 1) for v in cached],
         "recompute_runs": [round(v, 1) for v in recompute],
         "greedy_outputs_equal": same[0] == same[1],
+        # Timings on a shared machine depend on what else runs; the ratio is the robust number.
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpu_count": os.cpu_count(),
     }
     result["speedup"] = round(result["cached_tok_s"] / result["recompute_tok_s"], 2)
     text = json.dumps(result, indent=2)

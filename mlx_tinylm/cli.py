@@ -7,6 +7,7 @@ Commands parse flags, call one library function and present its result. User-fac
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,107 @@ def presets(as_json: bool = typer.Option(False, "--json", help="Print one JSON o
     Console().print(table)
 
 
+# ----- plan and sweep -------------------------------------------------------------------------
+
+@app.command()
+def plan(
+    minutes: float = typer.Option(5.0, help="Training budget to plan for."),
+    params: str = typer.Option(None, help="Check one size instead, e.g. 10M (with --tokens)."),
+    tokens: str = typer.Option(None, help="Training tokens for --params, e.g. 200M."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Batch for --params."),
+    engine: str = typer.Option("auto", help="auto, mlx or numpy."),
+    seconds: float = typer.Option(1.0, help="Measuring time per candidate shape."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The strongest model for N minutes here: measured throughput + memory + a fitted loss law."""
+    from . import plan as planner
+
+    if params is not None or tokens is not None:
+        if params is None or tokens is None:
+            fail("--params and --tokens go together, e.g. --params 10M --tokens 200M")
+        result = planner.check_size(planner.parse_count(params), planner.parse_count(tokens),
+                                    batch_size, engine, seconds=seconds)
+        typer.echo(json.dumps(result) if as_json else "\n".join(planner.describe_check(result)))
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def progress(i: int, n: int, cfg: object) -> None:
+        if not as_json:
+            console.print(f"measuring {i + 1}/{n}: d_model {cfg.d_model}, "  # type: ignore
+                          f"{cfg.n_layers} layers", end="\r")  # type: ignore
+
+    result = planner.make_plan(minutes, engine, seconds_per_shape=seconds, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    _print_plan(result)
+
+
+def _print_plan(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import format_count
+
+    table = Table(title=f"plan for {result['minutes']:g} minutes on {result['device']} "
+                  f"({result['engine']} engine)", title_justify="left")
+    for col in ("shape", "params", "tok/s", "tokens", "tok/param", "memory", "pred. bpb"):
+        table.add_column(col, justify="left" if col == "shape" else "right")
+    for r in result["candidates"]:
+        mark = "bold green" if r == result["pick"] else ("dim" if not r["fits"] else None)
+        table.add_row(f"d{r['d_model']} L{r['n_layers']} H{r['n_heads']} T{r['context']} "
+                      f"B{r['batch_size']}", format_count(r["params"]), f"{r['tok_s']:,.0f}",
+                      format_count(r["tokens"]), f"{r['tokens_per_param']:.1f}",
+                      f"{r['memory_bytes'] / 2**20:,.0f} MiB" + ("" if r["fits"] else " ✗"),
+                      f"{r['predicted_bpb']:.3f}", style=mark)
+    console = Console()
+    console.print(table)
+    console.print(f"pick: [bold]{result['command']}[/bold]")
+
+
+@app.command()
+def sweep(
+    minutes: float = typer.Option(None, help="Budget per size in minutes (default 2)."),
+    tokens: int = typer.Option(None, help="Budget per size in tokens instead."),
+    presets: str = typer.Option("nano,micro,tiny,mini,small", help="Comma-separated presets."),
+    data: str = typer.Option(None, help="A prepared data folder."),
+    files: list[str] = typer.Option(None, help="Local text files."),
+    val_files: list[str] = typer.Option(None, help="Validation files for --files."),
+    out: str = typer.Option(None, help="Sweep folder (default models/sweep-<timestamp>)."),
+    engine: str = typer.Option("auto", help="auto, mlx or numpy."),
+    fit: bool = typer.Option(False, help="Refit the planner's loss-law constants from this sweep."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Train several sizes at the same budget, one after another; table + plot (+ refit)."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from . import plan as planner
+    from . import train as training
+
+    if minutes is not None and tokens is not None:
+        fail("give only one of --minutes and --tokens")
+    if minutes is None and tokens is None:
+        minutes = 2.0
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if not names:
+        fail("--presets needs at least one preset name")
+    prepared = training.load_data(data, files, val_files, progress=not as_json)
+    folder = Path(out or f"models/sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    result = planner.run_sweep(minutes, names, prepared, folder, fit=fit, tokens=tokens,
+                               engine=engine)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for r in result["rows"]:
+        typer.echo(f"{r['preset']:>8}  {r['params']:>10,} params  {r['tokens']:>11,} tokens  "
+                   f"{r['tokens_per_param']:6.1f} tok/param  {r['tok_s']:8,.0f} tok/s  "
+                   f"bpb {r['val_bpb']:.4f}")
+    typer.echo(f"best: {result['best']['preset']} · table and plot in {folder}")
+
+
 # ----- train -------------------------------------------------------------------------------------
 
 @app.command()
@@ -86,7 +188,8 @@ def train(
                                     ".parquet)."),
     val_files: list[str] = typer.Option(None, help="Validation files for --files."),
     dataset: str = typer.Option(None, help="Hub dataset (default roneneldan/TinyStories)."),
-    preset: str = typer.Option(None, help="Model size preset (see tinylm presets)."),
+    preset: str = typer.Option("auto", help="Model size preset (tinylm presets), or auto: "
+                               "the planner's pick for this machine and budget."),
     d_model: int = typer.Option(None, "--d-model", help="Override the preset's width."),
     layers: int = typer.Option(None, help="Override the preset's depth."),
     heads: int = typer.Option(None, help="Override the preset's attention heads."),
@@ -108,7 +211,7 @@ def train(
     from dataclasses import replace
 
     from . import train as training
-    from .config import DEFAULT_PRESET, OptimConfig, TrainConfig
+    from .config import OptimConfig, TrainConfig
     from .dashboard import make_reporter
 
     budgets = [b for b in (minutes, steps, tokens) if b is not None]
@@ -127,8 +230,9 @@ def train(
         prepared = training.load_data(data, files, val_files, dataset, progress=not as_json)
         overrides = {"d_model": d_model, "n_layers": layers, "n_heads": heads,
                      "context_length": context, "mlp": mlp}
-        spec = training.build_spec(prepared, preset=preset or DEFAULT_PRESET, overrides=overrides,
-                                   optim=optim, train_cfg=train_cfg, out=out, force=force)
+        spec = training.build_spec(prepared, preset=preset, overrides=overrides, optim=optim,
+                                   train_cfg=train_cfg, out=out, force=force,
+                                   reporter_message=reporter.message)
     try:
         training.train(spec, prepared, reporter)
     finally:
@@ -228,7 +332,9 @@ def sample(
                                 "likely than this times the most likely one (0: off)."),
     repetition_penalty: float = typer.Option(_sampling_defaults().repetition_penalty,
                                              "--repetition-penalty",
-                                             help="Penalise tokens of the last 64 (1: off)."),
+                                             help="Penalise tokens of the last "
+                                             f"{_sampling_defaults().repetition_window} "
+                                             "(1: off)."),
     seed: int = typer.Option(None, help="Seed for reproducible samples (default: a fresh one, "
                              "reported on stderr)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Samples per prompt."),
@@ -237,37 +343,44 @@ def sample(
                                  "streamed text."),
 ) -> None:
     """Stream samples from a trained model, token by token."""
-    from . import generate as gen
-    from .sampling import SamplerConfig
+    from .sampling import SamplerConfig, check_max_tokens
 
+    # Bad flags fail before MLX is even imported.
     sampler = SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repetition_penalty=repetition_penalty)
-    gen.check_max_tokens(max_tokens)
+                            repetition_penalty=repetition_penalty)
+    check_max_tokens(max_tokens)
     if num_samples <= 0:
         fail(f"--num-samples must be a positive integer, got {num_samples}")
+    from . import generate as gen
+
     model, tokenizer = gen.load(run_dir)
+    if prompt is None and sys.stdin.isatty():
+        typer.echo("reading prompts from stdin, one per line (Ctrl-D to end)", err=True)
     prompts = [prompt] if prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
-    first = True
-    for text in prompts:
-        for k in range(num_samples):
-            stats = gen.GenerationStats()
-            pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
-                                  None if seed is None else seed + k, not no_stop, stats=stats)
-            if as_json:
-                out = "".join(pieces)
-                typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
-                continue
-            if not first:
-                sys.stdout.write("\n")
-            first = False
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            for piece in pieces:
-                sys.stdout.write(piece)
+    try:
+        for i, text in enumerate(prompts):
+            for k in range(num_samples):
+                stats = gen.GenerationStats()
+                pieces = gen.generate(model, tokenizer, text, max_tokens, sampler,
+                                      None if seed is None else seed + k, not no_stop,
+                                      stats=stats)
+                if as_json:
+                    out = "".join(pieces)
+                    typer.echo(json.dumps({"prompt": text, "text": out, **stats.to_dict()}))
+                    continue
+                if i or k:
+                    sys.stdout.write("\n")
+                sys.stdout.write(text)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            typer.echo(stats.summary(), err=True)
+                for piece in pieces:
+                    # With --no-stop a new story follows end-of-document (which decodes to "").
+                    sys.stdout.write("\n\n" if piece.token == tokenizer.eos_id else piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                typer.echo(stats.summary(), err=True)
+    except BrokenPipeError:  # `tinylm sample ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @app.command("eval")
@@ -335,10 +448,23 @@ def bench(
                            f"{result['agreement']['tolerance']:g}); results saved in {path}")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM is handled like Ctrl-C (training installs its own handler)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        # Outside standalone mode Typer returns the code of a `typer.Exit` (and turns Ctrl-C
+        # into Exit(130)) instead of exiting with it.
+        code = app(args=_expand_multi_value_flags(sys.argv[1:]), standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                typer.echo("error: interrupted", err=True)
+            sys.exit(code)
     except TinyLMError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
@@ -348,8 +474,11 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("error: interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        typer.echo("error: out of memory; choose a smaller model or --batch-size", err=True)
+        sys.exit(1)
     except Exception as err:
         # Usage errors (bad flags) come from the click copy Typer ships; match them by shape.
         if hasattr(err, "format_message") and hasattr(err, "exit_code"):
@@ -357,7 +486,13 @@ def main() -> None:
             if message:  # an empty message means help was already shown
                 typer.echo(f"error: {message}", err=True)
             sys.exit(err.exit_code)
-        raise
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
+        # Anything else is a bug; still one line, with the way to see the traceback.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        typer.echo(f"error: unexpected {type(err).__name__}: {first} (a bug in mlx-tinylm; "
+                   "run again with TINYLM_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,9 @@ class ModelConfig:
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         need(self.head_dim % 2 == 0, f"head dimension d_model/n_heads must be even for RoPE, "
              f"got {self.head_dim}")
-        need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int) and self.mlp_hidden > 0),
+        need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int)
+                                         and not isinstance(self.mlp_hidden, bool)
+                                         and self.mlp_hidden > 0),
              f"mlp_hidden must be a positive integer or null, got {self.mlp_hidden!r}")
         need(isinstance(self.tie_embeddings, bool),
              f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
@@ -153,7 +155,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown model config field(s): {', '.join(map(repr, unknown))}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -163,7 +165,7 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: absurd nesting
             raise ConfigError(f"model config is not valid JSON: {err}") from None
         return cls.from_dict(data)
 
@@ -215,7 +217,7 @@ class TrainConfig:
     decay: float = 0.4
     final_lr_frac: float = 0.0
     eval_every: float = 0.1  # periodic validation, as a fraction of the budget
-    eval_batches: int = 8  # fixed validation subset size, in batches
+    eval_batches: int = 4  # fixed validation subset size, in batches
     checkpoint_every_minutes: float = 2.0
     sample_tokens: int = 48  # length of the sample continuation shown at each evaluation
     log_every_s: float = 0.5  # how often a step is logged and drawn

@@ -316,6 +316,12 @@ def _column(batch: dict[str, list], text_column: str, where: str) -> Iterator[st
             yield value
 
 
+def read_documents(path: str | Path, text_column: str = "text") -> Iterator[str]:
+    """The documents of one local file, split exactly as `prepare` splits them."""
+    for doc, _ in _file_documents(_check_file(Path(path)), text_column):
+        yield doc
+
+
 def _file_documents(source: _FileSource, text_column: str) -> Iterator[tuple[str, bool]]:
     """Documents of one file, with reading errors turned into one line naming the file."""
     count = 0

@@ -219,7 +219,15 @@ class DeviceInfo:
 
 def info(probe_seconds: float = 1.0) -> DeviceInfo:
     """Everything `tinylm info` reports, including a short matmul probe."""
+    import math
+
     import mlx.core as mx
+
+    from .errors import TinyLMError
+
+    if not (math.isfinite(probe_seconds) and 0 < probe_seconds <= 600):
+        raise TinyLMError(f"--probe-seconds must be a number of seconds in (0, 600], "
+                          f"got {probe_seconds}")
 
     return DeviceInfo(
         platform=f"{platform.system()} {platform.machine()} ({platform.platform()})",

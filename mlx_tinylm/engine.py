@@ -125,12 +125,12 @@ def _assign_leaves(tree: dict | list, flat: dict) -> None:
         try:
             for key in path:
                 node = node[int(key)] if isinstance(node, list) else node[key]
-            if isinstance(node, list):
-                node[int(last)] = value
-            else:
-                if last not in node:
-                    raise KeyError(last)
-                node[last] = value
+            key = int(last) if isinstance(node, list) else last
+            if isinstance(node, dict) and key not in node:
+                raise KeyError(last)
+            if tuple(getattr(node[key], "shape", ())) != tuple(value.shape):
+                raise ValueError(f"shape {tuple(value.shape)}")  # a wrong-shape moment
+            node[key] = value
         except (KeyError, IndexError, ValueError, TypeError):
             from .checkpoint import CheckpointError
 
@@ -176,10 +176,21 @@ class NumpyEngine:
 
     def load_state(self, weights: dict[str, np.ndarray],
                    optimizer: dict[str, np.ndarray] | None) -> None:
-        for name, value in weights.items():
-            self.model.weights[name][...] = value
-        if optimizer:
-            self.optimizer.load_state_dict(optimizer)
+        try:
+            for name, value in weights.items():
+                if self.model.weights[name].shape != value.shape:
+                    raise ValueError(f"{name} has shape {value.shape}")
+                self.model.weights[name][...] = value
+            if optimizer:
+                self.optimizer.load_state_dict(optimizer)
+                for name, m in self.optimizer.m.items():
+                    if m.shape != self.model.weights[name].shape:
+                        raise ValueError(f"optimizer moment of {name} has shape {m.shape}")
+        except (KeyError, ValueError) as err:
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"the checkpoint does not match this model ({err}); it belongs "
+                                  "to a different configuration") from None
 
     def peak_memory_bytes(self) -> int:
         return process_peak_rss_bytes()

@@ -149,3 +149,8 @@ def sample_next(logits: np.ndarray, recent: Sequence[int], cfg: SamplerConfig,
     cumulative = np.cumsum(probs)
     index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
     return min(index, len(probs) - 1)
+
+
+def check_max_tokens(max_tokens: int) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise SamplingError(f"max-tokens must be a positive integer, got {max_tokens}")

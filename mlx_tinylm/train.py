@@ -25,13 +25,13 @@ import numpy as np
 
 from . import __version__, checkpoint
 from .config import ModelConfig, OptimConfig, TrainConfig
-from .data import BatchSampler, PreparedData, eval_batches
+from .data import BatchSampler, PreparedData
 from .engine import Engine, make_engine
 from .errors import TinyLMError
 from .schedule import Schedule
 
-LN2 = math.log(2.0)
 DEFAULT_PROMPT = "Once upon a time"
+AUTO_PRESET = "auto"
 
 
 class TrainingDiverged(TinyLMError):
@@ -72,22 +72,10 @@ def default_run_name(preset: str) -> str:
 
 def evaluate_split(engine: Engine, tokens: np.ndarray, n_bytes: int, context: int,
                    batch_size: int, max_batches: int | None = None) -> dict[str, float]:
-    """Loss, ppl and bpb over a split (or its first `max_batches` fixed windows).
+    """Loss, ppl and bpb of the engine's weights over a split (or its first `max_batches`)."""
+    from .generate import window_metrics
 
-    Over the whole split bpb is exact; on a subset it uses the split's mean bytes per token.
-    """
-    total, count = 0.0, 0
-    for i, (x, y, mask) in enumerate(eval_batches(tokens, context, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        total += engine.eval_loss(x, y, mask)
-        count += int(mask.sum())
-    if count == 0:
-        raise TinyLMError("the validation split has no tokens to evaluate")
-    loss = total / count
-    covered_bytes = n_bytes if count >= len(tokens) - 1 else n_bytes * count / max(len(tokens), 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total / (LN2 * covered_bytes),
-            "tokens": count}
+    return window_metrics(engine.eval_loss, tokens, n_bytes, context, batch_size, max_batches)
 
 
 def sample_text(engine: Engine, data: PreparedData, prompt: str, max_tokens: int, seed: int,
@@ -233,7 +221,11 @@ def run_config(spec: RunSpec, data: PreparedData) -> dict[str, Any]:
 def train(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict[str, Any]:
     """Train per `spec` on `data`, reporting to `reporter`; returns the final summary."""
     run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TinyLMError(f"cannot create the run folder {run_dir} ({err.strerror or err}); "
+                          "choose another --out") from None
     with checkpoint.run_lock(run_dir, warn=reporter.message):
         return _train_locked(spec, data, reporter)
 
@@ -252,7 +244,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     weights = optimizer = None
     if spec.resume:
         weights, optimizer, saved = checkpoint.load_checkpoint(run_dir)
-        state = LoopState(**saved["loop"])
+        state = _loop_state(saved, run_dir)
+        checkpoint.check_weights(weights, cfg.param_shapes(), checkpoint.checkpoint_dir(run_dir))
     engine = make_engine(spec.engine, cfg, spec.optim, t.seed, weights, optimizer)
     sampler = BatchSampler(train_tokens, t.batch_size, cfg.context_length, t.seed)
     if state.sampler:
@@ -269,7 +262,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     tokens_per_step = t.batch_size * cfg.context_length
     kind = t.budget_kind
     schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac)
-    bytes_per_token = data.n_bytes("val") / max(data.n_tokens("val"), 1)
 
     reporter.start({
         "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
@@ -291,7 +283,6 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     def periodic_eval() -> dict[str, Any]:
         m = evaluate_split(engine, val_tokens, data.n_bytes("val"), cfg.context_length,
                            t.batch_size, max_batches=t.eval_batches)
-        m["bpb"] = m["loss"] / (LN2 * bytes_per_token)
         record = {"event": "eval", "step": state.step, "tokens": state.tokens,
                   "elapsed": state.elapsed, "val_loss": m["loss"], "val_ppl": m["ppl"],
                   "val_bpb": m["bpb"]}
@@ -365,6 +356,9 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
                 if last:
                     break
             save()
+            if stop.signal is not None:  # Ctrl-C during the last step or the final save
+                raise Interrupted(f"training interrupted after its last step ({state.step}); "
+                                  f"checkpoint saved in {run_dir}")
     finally:
         prefetch.close()
 
@@ -391,6 +385,24 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     _write_artefacts(run_dir, spec, summary)
     reporter.finish(summary)
     return summary
+
+
+def _loop_state(saved: Any, run_dir: Path) -> LoopState:
+    """The loop state of a checkpoint's state.json, checked field by field."""
+    try:
+        state = LoopState(**saved["loop"])
+        ok = (isinstance(state.step, int) and state.step >= 0 and isinstance(state.tokens, int)
+              and isinstance(state.elapsed, (int, float)) and math.isfinite(state.elapsed)
+              and isinstance(state.sampler, dict) and isinstance(state.losses, list)
+              and (not state.sampler or all(isinstance(state.sampler.get(k), int)
+                                            for k in ("seed", "step"))))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise checkpoint.CheckpointError(
+            f"{run_dir / checkpoint.CHECKPOINT / checkpoint.STATE} does not hold a valid training "
+            "state; the checkpoint is damaged and cannot be resumed")
+    return state
 
 
 def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
@@ -434,6 +446,10 @@ Sample again with `{summary['sample_command']}`.
 
 def resolve_engine(name: str, cfg: ModelConfig, batch_size: int) -> str:
     """'auto' -> MLX on a GPU; on a CPU, whichever engine measures faster for this model."""
+    from .config import ENGINES
+
+    if name not in ENGINES:
+        raise TinyLMError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
     if name != "auto":
         return name
     from .device import device_name
@@ -474,10 +490,12 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
     if out is None:
         raise TinyLMError("--resume needs --out RUN_DIR (the run folder to continue)")
     run_dir = Path(out)
-    saved = checkpoint.read_config(run_dir)
+    if not run_dir.is_dir():
+        raise TinyLMError(f"run folder {run_dir} does not exist; check --out")
     if checkpoint.checkpoint_dir(run_dir) is None:
         raise TinyLMError(f"{run_dir} has no checkpoint to resume from (the run stopped "
                           "before its first save); start it again without --resume")
+    saved = checkpoint.read_config(run_dir)
     try:
         spec = RunSpec(run_dir=run_dir, model=ModelConfig.from_dict(saved["model"]),
                        optim=OptimConfig(**{**saved["optim"],
@@ -485,20 +503,38 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
                        train=TrainConfig(**saved["train"]), engine=saved["engine"],
                        preset=saved.get("preset", "custom"), resume=True)
         data_path = saved["data"]["path"]
-    except (KeyError, TypeError) as err:
-        raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete ({err}); "
-                          "it cannot be resumed") from None
-    return spec, load_prepared(data_path)
+    except (KeyError, TypeError, ValueError) as err:
+        raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete or damaged "
+                          f"({type(err).__name__}: {err}); it cannot be resumed") from None
+    if not isinstance(data_path, str) or not Path(data_path).is_dir():
+        raise TinyLMError(f"the data {run_dir} was trained on is not at {data_path!r} any more; "
+                          "put it back (tinylm data prepare) to resume")
+    data = load_prepared(data_path)
+    run_tokenizer = run_dir / checkpoint.TOKENIZER
+    if run_tokenizer.is_file() and (run_tokenizer.read_bytes()
+                                    != Path(data.tokenizer.model_path).read_bytes()):
+        raise TinyLMError(f"{data_path} now holds data tokenised differently from {run_dir}'s "
+                          "tokenizer; it cannot be resumed on it (start a new run instead)")
+    if data.tokenizer.vocab_size != spec.model.vocab_size:
+        raise TinyLMError(f"{data_path} has a {data.tokenizer.vocab_size}-token vocabulary but "
+                          f"the run's model has {spec.model.vocab_size}; it cannot be resumed "
+                          "on it")
+    return spec, data
 
 
 def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], optim: OptimConfig,
-               train_cfg: TrainConfig, out: str | Path | None, force: bool = False) -> RunSpec:
+               train_cfg: TrainConfig, out: str | Path | None, force: bool = False,
+               reporter_message: Any = None) -> RunSpec:
     """Resolve model shape, engine and run folder for a new run; check it fits in memory."""
     from .config import preset as get_preset
     from .device import available_memory_bytes
 
-    base = get_preset(preset)
     changes = {k: v for k, v in overrides.items() if v is not None}
+    extra: dict[str, Any] = {}
+    if preset == AUTO_PRESET:
+        base, train_cfg, extra = _auto_preset(data, train_cfg, changes, reporter_message)
+    else:
+        base = get_preset(preset)
     model = base.with_(vocab_size=data.tokenizer.vocab_size, **changes)
     needed = model.training_memory_bytes(train_cfg.batch_size)
     available = available_memory_bytes()
@@ -513,4 +549,25 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
         raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "
                           "another --out")
     return RunSpec(run_dir=run_dir, model=model, optim=optim, train=train_cfg, engine=engine,
-                   preset=preset)
+                   preset=preset, extra=extra)
+
+
+def _auto_preset(data: PreparedData, train_cfg: TrainConfig, changes: dict[str, Any],
+                 message: Any) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """`--preset auto`: the planner's pick for a time budget (measured once per device and
+    budget, then cached); the default preset when a shape flag or a step/token budget is given."""
+    from dataclasses import replace
+
+    from .config import DEFAULT_PRESET
+    from .config import preset as get_preset
+    from .plan import cached_plan
+
+    if changes or train_cfg.budget_kind != "time":
+        return get_preset(DEFAULT_PRESET), train_cfg, {}
+    if message is not None:
+        message("planning the model size for this machine and budget (once; then cached)")
+    plan = cached_plan(train_cfg.minutes or 5.0, train_cfg.engine, data.tokenizer.vocab_size)
+    base = ModelConfig.from_dict(plan["pick_config"])
+    train_cfg = replace(train_cfg, batch_size=plan["pick"]["batch_size"])
+    return base, train_cfg, {"plan": {"pick": plan["pick"], "command": plan["command"],
+                                      "engine": plan["engine"], "date": plan["date"]}}

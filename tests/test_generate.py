@@ -11,7 +11,7 @@ import pytest
 
 from mlx_tinylm.config import ModelConfig
 from mlx_tinylm.generate import GenerationError, NextTokenLogits, generate_tokens
-from mlx_tinylm.model import GPT
+from mlx_tinylm.model import GPT, make_cache
 from mlx_tinylm.sampling import (
     SamplerConfig,
     SamplingError,
@@ -56,6 +56,15 @@ def test_cached_logits_equal_recompute_across_window_jumps(model):
         starts.add(start)
     assert len(starts) >= 4  # the window jumped several times
     assert cached.prefills == len(starts)  # one prefill per jump, single positions otherwise
+
+
+def test_kv_cache_fed_in_chunks_matches_one_full_forward(model):
+    # Chunks after a cached prefix rely on the causal mask lining up with the cached keys.
+    tokens = mx.array([random_tokens(CFG.context_length, seed=5)])
+    cache = make_cache(model)
+    chunks = [model(tokens[:, a:b], cache) for a, b in ((0, 7), (7, 8), (8, 19), (19, 24))]
+    full = np.array(model(tokens))
+    assert np.abs(np.array(mx.concatenate(chunks, axis=1)) - full).max() < 1e-4
 
 
 def test_window_keeps_half_the_context_after_a_jump(model):

@@ -1,0 +1,79 @@
+"""The planner and the sweep: well-formed plans, honest memory answers, real sweeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli
+
+import mlx_tinylm  # noqa: F401
+from mlx_tinylm import plan as planner
+from mlx_tinylm.config import PRESETS, ModelConfig
+
+LAW = planner.LossLaw(E=0.8, A=60.0, alpha=0.35, B=40.0, beta=0.3, source={"test": True})
+
+
+def test_plan_on_a_tiny_grid_is_well_formed_and_picks_the_best_prediction():
+    grid = planner.candidate_grid(512, widths=(32, 64), depths=(1, 2), contexts=(32,),
+                                  batches=(8,))
+    plan = planner.make_plan(0.5, engine="mlx", vocab_size=512, grid=grid,
+                             seconds_per_shape=0.2, law=LAW)
+    assert len(plan["candidates"]) == 4
+    for row in plan["candidates"]:
+        assert row["tok_s"] > 0 and row["tokens"] > 0 and row["fits"]
+        assert row["predicted_bpb"] == pytest.approx(
+            LAW.predict(row["params"], row["tokens"]), abs=1e-3)
+    assert plan["pick"]["predicted_bpb"] == min(r["predicted_bpb"] for r in plan["candidates"])
+    assert plan["command"].startswith("tinylm train --minutes 0.5 --d-model ")
+
+
+def test_memory_estimate_grows_with_model_size():
+    sizes = sorted(PRESETS.values(), key=lambda c: c.n_params)
+    mems = [c.training_memory_bytes(32) for c in sizes]
+    assert mems == sorted(mems) and len(set(mems)) == len(mems)
+    base = ModelConfig()
+    assert base.training_memory_bytes(64) > base.training_memory_bytes(32)
+
+
+def test_impossible_size_is_answered_does_not_fit_with_numbers():
+    result = run_cli("plan", "--params", "10B", "--tokens", "200M", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["memory"]["fits"] is False
+    assert answer["memory"]["estimate_bytes"] > answer["memory"]["available_bytes"]
+    assert answer["time"] is None
+    assert answer["tokens_per_param"] == pytest.approx(200e6 / answer["params"])
+    text = run_cli("plan", "--params", "10B", "--tokens", "200M")
+    assert "does not fit" in text.stdout and "GiB" in text.stdout
+
+
+def test_loss_law_fit_recovers_known_constants():
+    points = [(n, d, LAW.predict(n, d)) for n in (1e5, 5e5, 2e6, 1e7) for d in (1e6, 1e7, 1e8)]
+    fitted = planner.fit_loss_law(points, {"test": True})
+    for n, d, y in points:
+        assert fitted.predict(n, d) == pytest.approx(y, abs=0.01)
+
+
+def test_shipped_loss_law_loads_and_says_where_it_came_from():
+    law = planner.LossLaw.load()
+    assert law.source.get("device") and law.source.get("date")
+    assert 0 < law.predict(1e6, 1e6) < 10
+
+
+def test_counts_parse_like_people_write_them():
+    assert planner.parse_count("10M") == 1e7
+    assert planner.parse_count("200k") == 2e5
+    assert planner.parse_count("5e6") == 5e6
+    with pytest.raises(planner.TinyLMError):
+        planner.parse_count("lots")
+
+
+def test_sweep_trains_two_sizes_end_to_end(prepared, tmp_path):
+    result = planner.run_sweep(None, ["nano", "micro"], prepared, tmp_path / "sweep",
+                               tokens=16384, engine="mlx")
+    assert [r["preset"] for r in result["rows"]] == ["nano", "micro"]
+    for row in result["rows"]:
+        assert row["tokens"] >= 16384 and row["val_bpb"] > 0
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"]
