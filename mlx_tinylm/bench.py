@@ -779,21 +779,66 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 # ----- engine choice for training ----------------------------------------------------------------
 
-def fastest_engine(cfg: ModelConfig, batch: int, context: int | None = None,
-                   steps: int = 2) -> str:
+def fastest_engine(cfg: ModelConfig, batch: int, context: int | None = None, steps: int = 1,
+                   use_cache: bool = True) -> str:
     """'mlx' or 'numpy': whichever trains this model faster here, measured over a few steps.
 
-    MLX on a GPU (Metal, CUDA) is always the answer; on a CPU both engines take one warm-up
-    (compile) step and `steps` timed steps on random tokens, and the faster median wins.
+    MLX on a GPU (Metal, CUDA) is always the answer. On a CPU both engines take one warm-up
+    (compile) step and `steps` timed steps on random tokens; the faster wins. The answer is
+    remembered per machine, versions, model and batch in the cache folder
+    (`engine-choice.json`), so only the first run of a configuration pays for the measurement.
     """
     import mlx.core as mx
 
     if mx.default_device().type == mx.gpu:
         return "mlx"
+    t = cfg.context_length if context is None else context
+    cache_file, key = _engine_choice_key(cfg, batch, t)
+    if use_cache:
+        try:
+            return json.loads(cache_file.read_text())[key]["engine"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    timings = _time_training_engines(cfg, batch, t, steps)
+    choice = min(timings, key=timings.get)
+    if use_cache:
+        try:
+            known = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"engine": choice, "step_seconds": timings,
+                      "date": _dt.datetime.now().isoformat(timespec="seconds")}
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # a read-only cache only costs the measurement next time
+    return choice
+
+
+def _engine_choice_key(cfg: ModelConfig, batch: int, context: int) -> tuple[Path, str]:
+    import mlx.core as mx
+
+    from .data import cache_dir
+
+    machine = machine_description()
+    key = json.dumps({"config": cfg.to_dict(), "batch": batch, "context": context,
+                      "cpu": machine["cpu"], "cores": machine["cpu_count"],
+                      "mlx": mx.__version__, "numpy": np.__version__,
+                      "mlx_tinylm": _package_version()}, sort_keys=True)
+    return cache_dir() / "engine-choice.json", key
+
+
+def _time_training_engines(cfg: ModelConfig, batch: int, t: int, steps: int
+                           ) -> dict[str, float]:
+    """Median seconds per training step of MLX and the NumPy engine, after one warm-up step."""
+    import mlx.core as mx
+
     from . import fastnp
     from . import model as M
 
-    t = cfg.context_length if context is None else context
     cfg = cfg.with_(context_length=max(t, cfg.context_length))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, t + 1))
     opt = OptimConfig()
@@ -818,7 +863,7 @@ def fastest_engine(cfg: ModelConfig, batch: int, context: int | None = None,
     for name, fn in (("mlx", mlx_step), ("numpy", numpy_step)):
         fn()
         timings[name] = float(np.median(_timed_loop(fn, 0.0, steps)))
-    return min(timings, key=timings.get)
+    return timings
 
 
 if __name__ == "__main__":

@@ -96,8 +96,19 @@ def test_results_file_name_carries_date_and_machine() -> None:
     assert path.name == "bench-2026-01-02-0304-linux-x86_64-amd-epyc-9r14-2cpu.json"
 
 
-def test_fastest_engine_names_a_training_engine() -> None:
+def test_fastest_engine_measures_once_then_remembers_the_choice(tmp_path, monkeypatch) -> None:
     from mlx_tinylm.config import preset
 
+    monkeypatch.setenv("TINYLM_HOME", str(tmp_path))
     cfg = preset("nano").with_(context_length=32, vocab_size=256)
-    assert B.fastest_engine(cfg, batch=2, context=32, steps=1) in ("mlx", "numpy")
+    choice = B.fastest_engine(cfg, batch=2, context=32)
+    assert choice in ("mlx", "numpy")
+    saved = json.loads((tmp_path / "engine-choice.json").read_text())
+    (entry,) = saved.values()
+    assert entry["engine"] == choice and set(entry["step_seconds"]) == {"mlx", "numpy"}
+    # a remembered answer is returned as stored (here: edited to the other engine)
+    other = "numpy" if choice == "mlx" else "mlx"
+    (tmp_path / "engine-choice.json").write_text(json.dumps(
+        {k: {**v, "engine": other} for k, v in saved.items()}))
+    assert B.fastest_engine(cfg, batch=2, context=32) == other
+    assert B.fastest_engine(cfg, batch=2, context=32, use_cache=False) in ("mlx", "numpy")
