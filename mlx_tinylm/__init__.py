@@ -6,3 +6,4 @@ __version__ = "0.1.0"
 
 # Must happen before any module imports mlx.core (see device.py).
 _device.setup_blas()
+_device.setup_allocator()

@@ -404,6 +404,48 @@ def eval_(
         return
     typer.echo(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.3f}  bpb {metrics['bpb']:.4f}  "
                f"({metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes)")
+# ----- bench (issue 6) ---------------------------------------------------------------------------
+
+@app.command()
+def bench(
+    preset_name: str = typer.Option("tiny", "--preset", help="Model preset to benchmark."),
+    engines: str = typer.Option("mlx,torch,numpy", help="Comma-separated: mlx, torch, numpy, "
+                                "or single engines (mlx-compiled, torch-eager, ...)."),
+    batch_size: int = typer.Option(32, help="Sequences per step."),
+    context: int = typer.Option(None, help="Tokens per sequence (default: the preset's)."),
+    seconds: float = typer.Option(10.0, help="Training seconds per engine (split in rounds)."),
+    mlp: str = typer.Option(None, help="Override the preset's MLP kind: swiglu or relu2."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full JSON result."),
+    out: str = typer.Option(None, help="Where to save the JSON (default: "
+                            "benchmarks/results/bench-<date>-<machine>.json)."),
+) -> None:
+    """MLX against PyTorch and the NumPy engine on the same model, side by side in one run."""
+    from . import bench as B
+
+    progress = None if as_json else (lambda msg: typer.echo(f"  {msg}", err=True))
+    result = B.run_bench(preset_name, engines, batch_size, context, seconds, mlp=mlp,
+                         progress=progress)
+    path = B.save_result(result, out)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        header, rows = B.table_rows(result)
+        table = Table(title="tinylm bench: the same model, weights and batch in every engine")
+        for h in header:
+            table.add_column(h, justify="left" if h == "engine" else "right")
+        for r in rows:
+            table.add_row(*r)
+        console = Console(width=None if sys.stdout.isatty() else 130)
+        console.print(table)
+        console.print(B.summary_line(result))
+        console.print(f"saved {path}")
+    if not result["agreement"]["passed"]:
+        raise B.BenchError(f"engines disagree: first-step losses differ by "
+                           f"{result['agreement']['max_abs_diff']:.2e} (> "
+                           f"{result['agreement']['tolerance']:g}); results saved in {path}")
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -15,17 +15,32 @@ constant with depth (GPT-2); norm gains start at 1.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import cpu_ops
 from .config import ModelConfig, OptimConfig
+from .device import set_blas_threads
 
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")
+
+# None: use cpu_ops' formulations (same math, several times faster there) when MLX runs on the
+# CPU, and MLX's fused kernels on a GPU. True/False force one path (tests compare the two).
+CPU_OPS: bool | None = None
+
+
+# Split CPU training batches across two streams (see batch_streams); False keeps one stream.
+SPLIT_BATCH = True
+
+
+def use_cpu_ops() -> bool:
+    return mx.default_device().type == mx.cpu if CPU_OPS is None else CPU_OPS
 
 
 class RMSNorm(nn.Module):
@@ -67,9 +82,12 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
-        # One query (decoding) sees every cached key, so it needs no mask.
-        mask = "causal" if q.shape[2] > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if use_cpu_ops():
+            out = cpu_ops.attention(q, k, v, self.scale)
+        else:
+            # One query (decoding) sees every cached key, so it needs no mask.
+            mask = "causal" if q.shape[2] > 1 else None
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -84,7 +102,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.kind == "swiglu":
-            return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+            silu = cpu_ops.silu if use_cpu_ops() else nn.silu
+            return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(mx.square(nn.relu(self.up_proj(x))))
 
 
@@ -200,9 +219,19 @@ def make_cache(model: GPT) -> list[KVCache]:
     return [KVCache() for _ in model.model.layers]
 
 
+def token_losses(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
+    """Next-token cross-entropy of every position, (B, T), in nats."""
+    logits = model(inputs)
+    if use_cpu_ops():
+        return cpu_ops.token_cross_entropy(logits, targets)
+    return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
 def loss_fn(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
     """Mean next-token cross-entropy in nats."""
     logits = model(inputs)
+    if use_cpu_ops():
+        return cpu_ops.cross_entropy(logits, targets)
     return nn.losses.cross_entropy(logits, targets, reduction="mean")
 
 
@@ -220,6 +249,60 @@ def make_optimizer(opt: OptimConfig) -> optim.Optimizer:
 
 
 TrainStep = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]
+LossAndGrad = Callable[..., tuple[mx.array, dict]]
+
+
+def batch_streams() -> list[mx.Stream]:
+    """CPU streams to split a training batch across: two on a multi-core CPU, else none.
+
+    MLX runs each stream's operations on its own thread, so two halves of a batch keep two cores
+    busy with everything — the norms, softmax and exp-heavy operations too, which MLX's CPU
+    backend otherwise runs on one core while only the matmuls are threaded (by BLAS). BLAS is
+    then given cores/2 threads per stream. Create the step on the thread that will call it:
+    streams belong to the thread that made them.
+    """
+    cores = os.cpu_count() or 1
+    if not use_cpu_ops() or cores < 2 or not SPLIT_BATCH:
+        return []
+    set_blas_threads(max(1, cores // 2))
+    return [mx.new_stream(mx.cpu) for _ in range(2)]
+
+
+def split_rows(fn: Callable[..., mx.array], streams: list[mx.Stream],
+               *arrays: mx.array) -> mx.array:
+    """fn(*shares) on shares of the leading axis, each on its own stream, concatenated."""
+    n = arrays[0].shape[0]
+    if len(streams) < 2 or n < 2:
+        return fn(*arrays)
+    edges = [round(i * n / len(streams)) for i in range(len(streams) + 1)]
+    outs = []
+    for stream, a, b in zip(streams, edges[:-1], edges[1:], strict=True):
+        with mx.stream(stream):
+            outs.append(fn(*(x[a:b] for x in arrays)))
+    return mx.concatenate(outs, axis=0)
+
+
+def split_loss_and_grad(loss_and_grad: LossAndGrad, streams: list[mx.Stream], model: GPT,
+                        inputs: mx.array, targets: mx.array) -> tuple[mx.array, dict]:
+    """loss_and_grad over the whole batch, computed as shares on `streams` and combined.
+
+    The loss is a mean over tokens, so the full-batch loss and gradient are the shares' means
+    weighted by their token counts: the same numbers as one pass over the batch.
+    """
+    n = inputs.shape[0]
+    if len(streams) < 2 or n < 2:
+        return loss_and_grad(model, inputs, targets)
+    edges = [round(i * n / len(streams)) for i in range(len(streams) + 1)]
+    parts = []
+    for stream, a, b in zip(streams, edges[:-1], edges[1:], strict=True):
+        with mx.stream(stream):
+            loss, grads = loss_and_grad(model, inputs[a:b], targets[a:b])
+        parts.append(((b - a) / n, loss, grads))
+    loss = sum(w * part_loss for w, part_loss, _ in parts)
+    weights = [w for w, _, _ in parts]
+    grads = tree_map(lambda *gs: sum(w * g for w, g in zip(weights, gs, strict=True)),
+                     *[g for _, _, g in parts])
+    return loss, grads
 
 
 def make_train_step(model: GPT, optimizer: optim.Optimizer, grad_clip: float,
@@ -229,13 +312,15 @@ def make_train_step(model: GPT, optimizer: optim.Optimizer, grad_clip: float,
     Model and optimizer state are inputs and outputs of the compiled graph, so one `mx.eval`
     of (loss, grad_norm, state) per step runs the whole update. Set `optimizer.learning_rate`
     before a call to change the learning rate; it is part of the state, so nothing recompiles.
-    The returned grad_norm is the norm before clipping.
+    The returned grad_norm is the norm before clipping. On a multi-core CPU the batch is split
+    across two streams (`batch_streams`; set SPLIT_BATCH = False to keep one).
     """
     optimizer.init(model.trainable_parameters())
     loss_and_grad = nn.value_and_grad(model, loss_fn)
+    streams = batch_streams()
 
     def step(inputs: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
-        loss, grads = loss_and_grad(model, inputs, targets)
+        loss, grads = split_loss_and_grad(loss_and_grad, streams, model, inputs, targets)
         if grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, grad_clip)
         else:
