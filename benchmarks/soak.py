@@ -79,11 +79,11 @@ def windowed_throughput(records: list[dict[str, Any]], window_s: float) -> list[
     out = []
     start, end = records[0], window_s
     for r in records:
-        if r["elapsed"] >= end:
+        if r["elapsed"] >= end and r["elapsed"] > start["elapsed"]:
             out.append((r["tokens"] - start["tokens"]) / (r["elapsed"] - start["elapsed"]))
             start, end = r, end + window_s
     last = records[-1]
-    if last is not start and last["elapsed"] - start["elapsed"] >= window_s / 2:
+    if last["elapsed"] - start["elapsed"] >= window_s / 2:
         out.append((last["tokens"] - start["tokens"]) / (last["elapsed"] - start["elapsed"]))
     return out
 
