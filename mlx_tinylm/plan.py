@@ -395,7 +395,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ys = [r["val_bpb"] for r in rows]
     ax.plot(xs, ys, "o-")
     for r in rows:
-        ax.annotate(f"{r['preset']}\n{r['tokens_per_param']:.1f} tok/param",
+        ax.annotate(f"{r['preset']}\n{r['tokens_per_param']:.2g} tok/param",
                     (r["params"], r["val_bpb"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     ax.set_xscale("log")
