@@ -106,7 +106,9 @@ def plan(
             console.print(f"measuring {i + 1}/{n}: d_model {cfg.d_model}, "  # type: ignore
                           f"{cfg.n_layers} layers", end="\r")  # type: ignore
 
-    result = planner.make_plan(minutes, engine, seconds_per_shape=seconds, progress=progress)
+    measured = planner.measure_grid(engine, seconds_per_shape=seconds, progress=progress)
+    planner.save_measurements(measured, engine)  # `train --preset auto` reuses them
+    result = planner.make_plan(minutes, engine, measured=measured)
     if as_json:
         typer.echo(json.dumps(result))
         return

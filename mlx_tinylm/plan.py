@@ -178,67 +178,91 @@ def train_command(c: Candidate, minutes: float) -> str:
             f"--heads {cfg.n_heads} --context {cfg.context_length} --batch-size {c.batch_size}")
 
 
-def make_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
-              grid: list[tuple[ModelConfig, int]] | None = None, seconds_per_shape: float = 1.0,
-              law: LossLaw | None = None, progress: Any = None) -> dict[str, Any]:
-    """Measure every candidate here and pick the one with the lowest predicted bpb that fits."""
+def measure_grid(engine: str = "auto", vocab_size: int = 4096,
+                 grid: list[tuple[ModelConfig, int]] | None = None,
+                 seconds_per_shape: float = 1.0, progress: Any = None) -> dict[str, Any]:
+    """Training tok/s of every candidate that fits in memory, measured here (budget-free)."""
     from .device import available_memory_bytes, device_name
     from .train import resolve_engine
 
-    if not (minutes > 0 and math.isfinite(minutes)):
-        raise TinyLMError(f"--minutes must be > 0, got {minutes}")
     check_measuring(seconds_per_shape, 1)
-    law = law or LossLaw.load()
     grid = grid or candidate_grid(vocab_size)
     engine = resolve_engine(engine, grid[len(grid) // 2][0], grid[len(grid) // 2][1])
     available = available_memory_bytes()
-    budget_s = minutes * 60 * BUDGET_EFFICIENCY
-    candidates = []
+    shapes = []
     for i, (cfg, batch) in enumerate(grid):
         if progress is not None:
             progress(i, len(grid), cfg)
         mem = cfg.training_memory_bytes(batch)
         fits = not available or mem <= available
         tok_s = measure_throughput(cfg, batch, engine, seconds_per_shape) if fits else 0.0
-        tokens = tok_s * budget_s
-        candidates.append(Candidate(cfg, batch, tok_s, tokens, mem, fits,
-                                    law.predict(cfg.n_params, tokens) if fits else math.inf))
+        shapes.append({"config": cfg.to_dict(), "batch_size": batch, "tok_s": tok_s,
+                       "memory_bytes": mem, "fits": fits})
+    return {"engine": engine, "device": device_name(), "memory_available": available,
+            "vocab_size": vocab_size, "date": date.today().isoformat(), "shapes": shapes}
+
+
+def make_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
+              grid: list[tuple[ModelConfig, int]] | None = None, seconds_per_shape: float = 1.0,
+              law: LossLaw | None = None, progress: Any = None,
+              measured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pick the candidate with the lowest predicted bpb that fits, from throughput measured here
+    (now, or earlier in `measured`: throughput does not depend on the budget)."""
+    if not (minutes > 0 and math.isfinite(minutes)):
+        raise TinyLMError(f"--minutes must be > 0, got {minutes}")
+    law = law or LossLaw.load()
+    if measured is None:
+        measured = measure_grid(engine, vocab_size, grid, seconds_per_shape, progress)
+    budget_s = minutes * 60 * BUDGET_EFFICIENCY
+    candidates = []
+    for shape in measured["shapes"]:
+        cfg = ModelConfig.from_dict(shape["config"])
+        tokens = shape["tok_s"] * budget_s
+        predicted = law.predict(cfg.n_params, tokens) if shape["fits"] else math.inf
+        candidates.append(Candidate(cfg, shape["batch_size"], shape["tok_s"], tokens,
+                                    shape["memory_bytes"], shape["fits"], predicted))
     usable = [c for c in candidates if c.fits]
     if not usable:
         raise TinyLMError("no candidate model fits in the available memory")
     pick = min(usable, key=lambda c: c.predicted_bpb)
-    return {"minutes": minutes, "engine": engine, "device": device_name(),
-            "memory_available": available, "law": {**asdict(law), "source": law.source},
+    return {"minutes": minutes, "engine": measured["engine"], "device": measured["device"],
+            "memory_available": measured["memory_available"],
+            "law": {**asdict(law), "source": law.source},
             "candidates": [c.row() for c in candidates], "pick": pick.row(),
             "pick_config": pick.config.to_dict(), "command": train_command(pick, minutes),
-            "date": date.today().isoformat()}
+            "measured": measured["date"], "date": date.today().isoformat()}
 
 
-def plan_cache_path(minutes: float, engine: str) -> Path:
+def measurements_cache_path(engine: str, vocab_size: int) -> Path:
     from .data import cache_dir
     from .device import device_name
 
-    slug = f"{device_name().replace(' ', '-').lower()}-{engine}-{minutes:g}min"
-    return cache_dir() / "plans" / f"plan-{slug}.json"
+    slug = f"{device_name().replace(' ', '-').lower()}-{engine}-v{vocab_size}"
+    return cache_dir() / "plans" / f"throughput-{slug}.json"
+
+
+def save_measurements(measured: dict[str, Any], engine: str) -> None:
+    path = measurements_cache_path(engine, measured["vocab_size"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(measured, indent=2))
+    tmp.replace(path)
 
 
 def cached_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
                 progress: Any = None) -> dict[str, Any]:
-    """The plan for this device and budget, measured once and then read from the cache."""
-    path = plan_cache_path(minutes, engine)
+    """The plan for this budget from this device's cached throughput (measured on first use)."""
+    path = measurements_cache_path(engine, vocab_size)
+    measured = None
     if path.is_file():
         try:
-            plan = json.loads(path.read_text())
-            if plan.get("pick_config", {}).get("vocab_size") == vocab_size:
-                return plan
-        except json.JSONDecodeError:
-            pass
-    plan = make_plan(minutes, engine, vocab_size, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2))
-    tmp.replace(path)
-    return plan
+            measured = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            measured = None
+    if measured is None:
+        measured = measure_grid(engine, vocab_size, progress=progress)
+        save_measurements(measured, engine)
+    return make_plan(minutes, engine, vocab_size, measured=measured)
 
 
 # ----- three-axis check for a named size ---------------------------------------------------
