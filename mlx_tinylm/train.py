@@ -268,7 +268,7 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     flops_per_token = cfg.flops_per_token()
     tokens_per_step = t.batch_size * cfg.context_length
     kind = t.budget_kind
-    schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac)
+    schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac, t.schedule)
     bytes_per_token = data.n_bytes("val") / max(data.n_tokens("val"), 1)
 
     reporter.start({
@@ -480,8 +480,7 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
                           "before its first save); start it again without --resume")
     try:
         spec = RunSpec(run_dir=run_dir, model=ModelConfig.from_dict(saved["model"]),
-                       optim=OptimConfig(**{**saved["optim"],
-                                            "betas": tuple(saved["optim"]["betas"])}),
+                       optim=OptimConfig.from_dict(saved["optim"]),
                        train=TrainConfig(**saved["train"]), engine=saved["engine"],
                        preset=saved.get("preset", "custom"), resume=True)
         data_path = saved["data"]["path"]
@@ -506,7 +505,12 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
         raise TinyLMError(f"this model needs about {needed / 2**30:.1f} GiB to train but "
                           f"{available / 2**30:.1f} GiB is available; choose a smaller model or "
                           "batch, or pass --force")
-    engine = resolve_engine(train_cfg.engine, model, train_cfg.batch_size)
+    # Only the MLX engine implements Muon; 'auto' must not pick another.
+    engine = ("mlx" if optim.optimizer != "adamw" and train_cfg.engine == "auto"
+              else resolve_engine(train_cfg.engine, model, train_cfg.batch_size))
+    if engine != "mlx" and optim.optimizer != "adamw":
+        raise TinyLMError(f"the {engine} engine implements AdamW only, not {optim.optimizer}; "
+                          "use --engine mlx")
     name = preset if not changes else f"{preset}-custom"
     run_dir = Path(out) if out is not None else Path("models") / default_run_name(name)
     if checkpoint.checkpoint_dir(run_dir) is not None:
