@@ -68,7 +68,7 @@ PLANS: dict[str, list[str]] = {
         "default:tie_embeddings=false", "default:optimizer=muon",
         "default:lr=1e-3", "default:lr=4e-3",
         "default:schedule=cosine,final_lr_frac=0.1", "default:decay=0.2", "default:decay=0.7",
-        "default:batch_size=8", "default:batch_size=32",
+        "default:batch_size=4", "default:batch_size=16",
         "default:context_length=64", "default:context_length=256",
         "default:d_model=64,n_heads=2,n_layers=6", "default:d_model=112,n_heads=4,n_layers=2",
         "default:vocab_size=1024", "default:vocab_size=2048",

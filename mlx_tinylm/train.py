@@ -511,7 +511,7 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
     if engine != "mlx" and optim.optimizer != "adamw":
         raise TinyLMError(f"the {engine} engine implements AdamW only, not {optim.optimizer}; "
                           "use --engine mlx")
-    name = preset if not changes else f"{preset}-custom"
+    name = preset if model == base.with_(vocab_size=model.vocab_size) else f"{preset}-custom"
     run_dir = Path(out) if out is not None else Path("models") / default_run_name(name)
     if checkpoint.checkpoint_dir(run_dir) is not None:
         raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "

@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_clean_failure, run_cli
 from tiny_models import VARIANTS, batch, small_config, wide_weights
 
 import mlx_tinylm  # noqa: F401  (loads OpenBLAS; must precede the first import of mlx.core)
@@ -329,3 +329,26 @@ def test_every_model_field_but_the_vocabulary_is_an_architecture_or_size_field()
     size = {"vocab_size", "d_model", "n_layers", "n_heads", "context_length", "rope_base",
             "norm_eps"}
     assert {f.name for f in fields(ModelConfig)} == size | set(ARCHITECTURE_FIELDS)
+
+
+# ----- tinylm train --recipe --------------------------------------------------------------------
+
+TINY_FLAGS = ["--d-model", "32", "--layers", "2", "--heads", "2", "--context", "32",
+              "--batch-size", "8", "--no-dashboard", "--engine", "mlx"]
+
+
+def test_train_recipe_flag_records_the_recipe_and_flags_still_override_it(prepared, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", "--data", str(prepared.path), "--steps", "3", *TINY_FLAGS,
+                     "--recipe", "nanogpt", "--mlp", "relu2", "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["position"] == "learned" and config["model"]["norm"] == "layernorm"
+    assert config["model"]["mlp"] == "relu2"  # the flag wins over the recipe
+    assert config["train"]["schedule"] == "cosine" and config["optim"]["betas"] == [0.9, 0.95]
+
+
+def test_train_with_an_unknown_recipe_fails_in_one_line(prepared, tmp_path):
+    result = run_cli("train", "--data", str(prepared.path), "--steps", "3", *TINY_FLAGS,
+                     "--recipe", "speedrun", "--out", str(tmp_path / "run"))
+    assert_clean_failure(result, "unknown recipe")
