@@ -246,10 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="results file (default benchmarks/results/"
                         "recipe-<date>-<machine>.json)")
     parser.add_argument("--resume", action="store_true", help="skip runs already in --json")
+    parser.add_argument("--report", action="store_true", help="train nothing: print the table "
+                        "of the runs --json holds for this budget and --set (all variants when "
+                        "none are given)")
     args = parser.parse_args(argv)
 
     variants = list(dict.fromkeys(args.variants + (PLANS[args.plan] if args.plan else [])))
-    if not variants:
+    if not variants and not args.report:
         parser.error("give --variants and/or --plan")
     common = parse_overrides(",".join(args.set))
     budget = TrainConfig(minutes=args.minutes, tokens=args.tokens, engine="mlx",
@@ -270,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for r in old if r.get("set", "") == common_label and r["budget"] == budget_label]
     others = [r for r in old if r not in runs]
     done = {key(r) for r in runs} if args.resume else set()
+    if args.report:
+        variants = variants or list(dict.fromkeys(r["variant"] for r in runs))
+        print(table(summarise(runs, variants)))
+        return
     result = {"benchmark": "recipe", "date": time.strftime("%Y-%m-%d"), "machine": machine(),
               "command": " ".join(["python", "benchmarks/recipe.py", *sys.argv[1:]]),
               "load_average_at_start": os.getloadavg()}
