@@ -196,7 +196,9 @@ def train(
     layers: int = typer.Option(None, help="Override the preset's depth."),
     heads: int = typer.Option(None, help="Override the preset's attention heads."),
     context: int = typer.Option(None, help="Override the preset's context length."),
-    mlp: str = typer.Option(None, help="MLP kind: swiglu or relu2."),
+    mlp: str = typer.Option(None, help="MLP kind: swiglu, relu2 or gelu."),
+    recipe: str = typer.Option(None, help="Training recipe: default, or nanogpt (the baseline "
+                               "of benchmarks/recipe.py); flags above override it."),
     batch_size: int = typer.Option(None, "--batch-size", help="Sequences per step."),
     lr: float = typer.Option(None, help="Peak learning rate."),
     out: str = typer.Option(None, help="Run folder (default models/<timestamp>-<preset>)."),
@@ -213,7 +215,8 @@ def train(
     from dataclasses import replace
 
     from . import train as training
-    from .config import OptimConfig, TrainConfig
+    from .config import DEFAULT_RECIPE, TrainConfig
+    from .config import recipe as get_recipe
     from .dashboard import make_reporter
 
     budgets = [b for b in (minutes, steps, tokens) if b is not None]
@@ -221,17 +224,21 @@ def train(
         fail("give only one of --minutes, --steps and --tokens")
     train_cfg = TrainConfig(minutes=minutes if minutes is not None else 5.0, steps=steps,
                             tokens=tokens, seed=seed, engine=engine)
+    # The recipe first (architecture, optimizer, schedule), then the flags given.
+    chosen = get_recipe(recipe or DEFAULT_RECIPE)
+    train_cfg = replace(train_cfg, **chosen.train)
     changes = {"batch_size": batch_size, "checkpoint_every_minutes": checkpoint_every,
                "eval_every": eval_every}
     train_cfg = replace(train_cfg, **{k: v for k, v in changes.items() if v is not None})
-    optim = OptimConfig() if lr is None else OptimConfig(lr=lr)
+    optim = chosen.optim if lr is None else replace(chosen.optim, lr=lr)
     reporter = make_reporter(dashboard, as_json)
     if resume:
         spec, prepared = training.resume_spec(out)
     else:
         prepared = training.load_data(data, files, val_files, dataset, progress=not as_json)
-        overrides = {"d_model": d_model, "n_layers": layers, "n_heads": heads,
-                     "context_length": context, "mlp": mlp}
+        overrides = {**chosen.model, **{k: v for k, v in {
+            "d_model": d_model, "n_layers": layers, "n_heads": heads,
+            "context_length": context, "mlp": mlp}.items() if v is not None}}
         spec = training.build_spec(prepared, preset=preset, overrides=overrides, optim=optim,
                                    train_cfg=train_cfg, out=out, force=force,
                                    reporter_message=reporter.message)

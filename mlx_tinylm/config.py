@@ -15,7 +15,11 @@ from typing import Any
 
 from .errors import TinyLMError
 
-MLP_KINDS = ("swiglu", "relu2")
+MLP_KINDS = ("swiglu", "relu2", "gelu")
+POSITIONS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("wsd", "cosine")
 BYTES_PER_PARAM_TRAINING = 16  # fp32 weights + grads + AdamW m and v
 FLOAT_BYTES = 4
 
@@ -26,7 +30,21 @@ class ConfigError(TinyLMError, ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-style decoder (pre-norm RMSNorm, RoPE, SwiGLU or ReLU² MLP, no biases)."""
+    """Shape of a pre-norm decoder without biases.
+
+    The defaults describe a Llama-style model (RMSNorm, RoPE); the options cover the variants the
+    recipe benchmark compares, each loadable by a common runtime's model type:
+
+    - `position`: "rope" (rotary, on queries and keys) or "learned" (an absolute position
+      embedding `model.embed_positions.weight` added to the token embedding, as in GPT-2).
+    - `norm`: "rmsnorm" or "layernorm" (LayerNorm with a gain and no bias, like nanoGPT's
+      `bias=False`); the parameter names are the same for both.
+    - `mlp`: "swiglu", "relu2" (ReLU²) or "gelu" (GELU, tanh approximation as in GPT-2).
+    - `qk_norm`: RMSNorm with a learned gain over each head of the queries and keys, before RoPE
+      (Qwen3's `self_attn.q_norm` / `k_norm`).
+    - `zero_init_residual`: the projections that write into the residual stream (o_proj,
+      down_proj) start at zero, so every block starts as the identity.
+    """
 
     vocab_size: int = 4096
     d_model: int = 128
@@ -34,11 +52,15 @@ class ModelConfig:
     n_heads: int = 4
     context_length: int = 256
     mlp: str = "swiglu"
-    mlp_hidden: int | None = None  # None: 8/3·d for SwiGLU, 4·d for ReLU², rounded up to 32
+    mlp_hidden: int | None = None  # None: 8/3·d for SwiGLU, 4·d otherwise, rounded up to 32
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    position: str = "rope"
+    norm: str = "rmsnorm"
+    qk_norm: bool = False
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,16 +90,20 @@ class ModelConfig:
                  f"{name} must be a positive integer, got {value!r}")
         need(self.vocab_size >= 2, f"vocab_size must be at least 2, got {self.vocab_size}")
         need(self.mlp in MLP_KINDS, f"mlp must be one of {', '.join(MLP_KINDS)}, got {self.mlp!r}")
+        need(self.position in POSITIONS,
+             f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}")
+        need(self.norm in NORMS, f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         need(self.d_model % self.n_heads == 0,
              f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        need(self.head_dim % 2 == 0, f"head dimension d_model/n_heads must be even for RoPE, "
-             f"got {self.head_dim}")
+        need(self.position != "rope" or self.head_dim % 2 == 0,
+             f"head dimension d_model/n_heads must be even for RoPE, got {self.head_dim}")
         need(self.mlp_hidden is None or (isinstance(self.mlp_hidden, int)
                                          and not isinstance(self.mlp_hidden, bool)
                                          and self.mlp_hidden > 0),
              f"mlp_hidden must be a positive integer or null, got {self.mlp_hidden!r}")
-        need(isinstance(self.tie_embeddings, bool),
-             f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qk_norm", "zero_init_residual"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
         for name in ("rope_base", "norm_eps", "init_std"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -88,15 +114,21 @@ class ModelConfig:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter; these are the safetensors names used everywhere.
 
-        The names follow mlx-lm's Llama layout so a checkpoint reads like one.
+        The names follow mlx-lm's Llama layout so a checkpoint reads like one; QK-norm gains use
+        Qwen3's names, and the learned position table is `model.embed_positions.weight`.
         """
         d, h, v = self.d_model, self.hidden, self.vocab_size
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d)}
+        if self.position == "learned":
+            shapes["model.embed_positions.weight"] = (self.context_length, d)
         for i in range(self.n_layers):
             p = f"model.layers.{i}."
             shapes[p + "input_layernorm.weight"] = (d,)
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 shapes[p + f"self_attn.{proj}.weight"] = (d, d)
+            if self.qk_norm:
+                shapes[p + "self_attn.q_norm.weight"] = (self.head_dim,)
+                shapes[p + "self_attn.k_norm.weight"] = (self.head_dim,)
             shapes[p + "post_attention_layernorm.weight"] = (d,)
             if self.mlp == "swiglu":
                 shapes[p + "mlp.gate_proj.weight"] = (h, d)
@@ -113,11 +145,13 @@ class ModelConfig:
 
     @property
     def n_embedding_params(self) -> int:
-        return self.vocab_size * self.d_model
+        """Lookup tables: the token embedding and, when learned, the position embedding."""
+        positions = self.context_length * self.d_model if self.position == "learned" else 0
+        return self.vocab_size * self.d_model + positions
 
     @property
     def n_non_embedding_params(self) -> int:
-        """Parameters outside the token embedding (and outside an untied head)."""
+        """Parameters outside the lookup tables (token, position) and outside an untied head."""
         head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return self.n_params - self.n_embedding_params - head
 
@@ -183,13 +217,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW settings shared by every engine (MLX, NumPy reference, PyTorch benchmark)."""
+    """Optimizer settings shared by every engine (MLX, NumPy reference, PyTorch benchmark).
+
+    `optimizer="adamw"`: AdamW on every parameter, weight decay on matrices only.
+    `optimizer="muon"`: Muon (momentum, then Newton–Schulz orthogonalisation) on the hidden
+    matrices (attention and MLP projections inside the blocks) at peak rate `muon_lr`, and AdamW
+    as above on the rest (embeddings, head, norm gains) at peak rate `lr`; the schedule scales
+    both alike. Only the MLX engine implements Muon.
+    """
 
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1  # on matrices only; norm gains are not decayed
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -202,6 +247,25 @@ class OptimConfig:
         need(self.eps > 0, f"eps must be > 0, got {self.eps}")
         need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
         need(self.grad_clip >= 0, f"gradient clip must be >= 0, got {self.grad_clip}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(math.isfinite(self.muon_lr) and self.muon_lr > 0,
+             f"Muon learning rate must be > 0, got {self.muon_lr}")
+        need(0 <= self.muon_momentum < 1,
+             f"Muon momentum must be in [0, 1), got {self.muon_momentum}")
+        need(self.muon_weight_decay >= 0,
+             f"Muon weight decay must be >= 0, got {self.muon_weight_decay}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimConfig:
+        """From `asdict()` output read back from JSON (betas come back as a list)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown optimizer config field(s): {', '.join(unknown)}")
+        if "betas" in data:
+            data = {**data, "betas": tuple(data["betas"])}
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -213,8 +277,9 @@ class TrainConfig:
     tokens: int | None = None
     batch_size: int = 32
     seed: int = 0
-    warmup: float = 0.03  # fractions of the budget (see schedule.py)
-    decay: float = 0.4
+    schedule: str = "wsd"  # learning-rate shape (see schedule.py)
+    warmup: float = 0.03  # fractions of the budget
+    decay: float = 0.4  # WSD only: the final fraction spent decaying
     final_lr_frac: float = 0.0
     eval_every: float = 0.1  # periodic validation, as a fraction of the budget
     eval_batches: int = 4  # fixed validation subset size, in batches
@@ -237,6 +302,8 @@ class TrainConfig:
              f"got {self.engine!r}")
         need(self.checkpoint_every_minutes > 0, "checkpoint interval must be > 0")
         need(self.eval_batches > 0, "eval_batches must be > 0")
+        need(self.schedule in SCHEDULES,
+             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         need(0 < self.eval_every <= 1, f"--eval-every must be in (0, 1], got {self.eval_every}")
 
     @property
@@ -278,6 +345,61 @@ def preset_summary(name: str, batch_size: int = 32) -> dict[str, Any]:
     cfg = preset(name)
     return {**cfg.to_dict(), "params": cfg.n_params, "flops_per_token": cfg.flops_per_token(),
             "memory_bytes": cfg.training_memory_bytes(batch_size)}
+
+
+# ----- recipes: architecture options + optimizer + schedule, on top of a size preset -----------
+
+ARCHITECTURE_FIELDS = ("position", "norm", "mlp", "mlp_hidden", "qk_norm", "tie_embeddings",
+                       "zero_init_residual", "init_std")
+SCHEDULE_FIELDS = ("schedule", "warmup", "decay", "final_lr_frac")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything about how to train except the model's size and the budget.
+
+    `model` holds ModelConfig architecture fields (ARCHITECTURE_FIELDS), `optim` the optimizer
+    and `train` TrainConfig schedule fields (SCHEDULE_FIELDS) plus, optionally, batch_size.
+    """
+
+    model: dict[str, Any]
+    optim: OptimConfig
+    train: dict[str, Any]
+
+    def apply(self, model: ModelConfig, train: TrainConfig) -> tuple[ModelConfig, OptimConfig,
+                                                                      TrainConfig]:
+        """The recipe on a sized model and a budgeted training config."""
+        return model.with_(**self.model), self.optim, replace(train, **self.train)
+
+
+def _default_recipe() -> Recipe:
+    # The dataclass defaults are the default recipe: one place, no copy to drift.
+    m, t = ModelConfig(), TrainConfig()
+    return Recipe(model={k: getattr(m, k) for k in ARCHITECTURE_FIELDS}, optim=OptimConfig(),
+                  train={k: getattr(t, k) for k in SCHEDULE_FIELDS})
+
+
+RECIPES: dict[str, Recipe] = {
+    "default": _default_recipe(),
+    # nanoGPT's GPT-2 recipe in our code: learned absolute positions, LayerNorm (no bias), GELU,
+    # tied head, AdamW (0.9, 0.95), weight decay 0.1, linear warm-up then cosine decay to a
+    # tenth of the peak, N(0, 0.02) init with residual projections scaled by 1/sqrt(2·layers).
+    "nanogpt": Recipe(
+        model=dict(position="learned", norm="layernorm", mlp="gelu", mlp_hidden=None,
+                   qk_norm=False, tie_embeddings=True, zero_init_residual=False, init_std=0.02),
+        optim=OptimConfig(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0,
+                          optimizer="adamw"),
+        train=dict(schedule="cosine", warmup=0.03, final_lr_frac=0.1)),  # decay: WSD only
+}
+DEFAULT_RECIPE = "default"
+
+
+def recipe(name: str) -> Recipe:
+    """The named recipe; a ConfigError listing the choices for an unknown name."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
 
 
 def format_count(n: float) -> str:

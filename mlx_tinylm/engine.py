@@ -147,7 +147,11 @@ class NumpyEngine:
                  weights: dict[str, np.ndarray] | None = None,
                  optimizer: dict[str, np.ndarray] | None = None):
         from . import reference
+        from .errors import TinyLMError
 
+        if opt.optimizer != "adamw":
+            raise TinyLMError(f"the NumPy engine implements AdamW only, not {opt.optimizer}; "
+                              "use --engine mlx")
         self.ref = reference
         self.cfg = cfg
         self.opt = opt

@@ -1,15 +1,18 @@
 """The MLX GPT: a small Llama-style decoder.
 
-    tokens -> embed_tokens -> n_layers × Block -> norm -> lm_head (tied to embed_tokens) -> logits
-    Block(x) = x + Attention(RMSNorm(x));  x + MLP(RMSNorm(x))
+    tokens -> embed_tokens (+ embed_positions) -> n_layers × Block -> norm -> lm_head -> logits
+    Block(x) = x + Attention(Norm(x));  x + MLP(Norm(x))
 
-Attention uses rotary position embeddings (the non-interleaved "rotate half" layout that Llama
-checkpoints use) and a causal mask. The MLP is SwiGLU, or ReLU² — which is far cheaper than SiLU on
-MLX's CPU backend. There are no biases. `reference.py` is the same model in NumPy, name for name.
+By default attention uses rotary position embeddings (the non-interleaved "rotate half" layout
+that Llama checkpoints use) and a causal mask, the norms are RMSNorm, the MLP is SwiGLU and the
+head is tied to the token embedding. The options of `ModelConfig` swap in learned absolute
+positions, LayerNorm (gain, no bias), a ReLU² or GELU (tanh approximation) MLP, QK-norm and an
+untied head. There are no biases. `reference.py` is the same model in NumPy, name for name.
 
-Initialisation: every matrix ~ N(0, init_std); the two projections that write into the residual
-stream (o_proj, down_proj) use init_std / sqrt(2 · n_layers) so the residual variance stays about
-constant with depth (GPT-2); norm gains start at 1.
+Initialisation: every matrix (position table included) ~ N(0, init_std); the two projections that
+write into the residual stream (o_proj, down_proj) use init_std / sqrt(2 · n_layers) so the
+residual variance stays about constant with depth (GPT-2), or zero with `zero_init_residual`;
+norm gains start at 1.
 """
 
 from __future__ import annotations
@@ -53,6 +56,27 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm with a gain and no bias (nanoGPT's bias=False)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x, self.weight, None, self.eps)
+
+
+def make_norm(cfg: ModelConfig, dims: int) -> RMSNorm | LayerNorm:
+    return (LayerNorm if cfg.norm == "layernorm" else RMSNorm)(dims, cfg.norm_eps)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU, tanh approximation (GPT-2's): 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))."""
+    return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -61,10 +85,14 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.rope_base = cfg.rope_base
+        self.use_rope = cfg.position == "rope"
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        if cfg.qk_norm:  # always RMSNorm over each head, as Qwen3 does
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def rope(self, x: mx.array, offset: int) -> mx.array:
         # Frequencies are derived from the config on every call, never stored: nothing to go stale.
@@ -78,8 +106,11 @@ class Attention(nn.Module):
             return t.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        offset = 0 if cache is None else cache.offset
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            offset = 0 if cache is None else cache.offset
+            q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)
         if use_cpu_ops():
@@ -104,15 +135,17 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             silu = cpu_ops.silu if use_cpu_ops() else nn.silu
             return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "gelu":
+            return self.down_proj(gelu_tanh(self.up_proj(x)))
         return self.down_proj(mx.square(nn.relu(self.up_proj(x))))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
@@ -124,11 +157,17 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(cfg.context_length, cfg.d_model)
         self.layers = [Block(cfg) for _ in range(cfg.n_layers)]
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         x = self.embed_tokens(tokens)
+        if "embed_positions" in self:
+            # Generation keeps positions inside the trained range (generate.py's sliding window).
+            offset = 0 if cache is None else cache[0].offset
+            x = x + self.embed_positions(mx.arange(offset, offset + tokens.shape[-1]))
         for i, layer in enumerate(self.layers):
             x = layer(x, None if cache is None else cache[i])
         return self.norm(x)
@@ -160,7 +199,11 @@ class GPT(nn.Module):
             if len(shape) == 1:
                 new[name] = mx.ones(shape)
                 continue
-            std = residual_std if any(p in name for p in RESIDUAL_PROJECTIONS) else cfg.init_std
+            residual = any(p in name for p in RESIDUAL_PROJECTIONS)
+            if residual and cfg.zero_init_residual:
+                new[name] = mx.zeros(shape)
+                continue
+            std = residual_std if residual else cfg.init_std
             if key is not None:
                 key, sub = mx.random.split(key)
                 new[name] = std * mx.random.normal(shape, key=sub)
@@ -237,15 +280,56 @@ def loss_fn(model: GPT, inputs: mx.array, targets: mx.array) -> mx.array:
 
 # ----- optimizer and compiled step -------------------------------------------------------------
 
+class ScaledMultiOptimizer(optim.MultiOptimizer):
+    """A MultiOptimizer whose groups run at fixed multiples of one learning rate.
+
+    Setting `learning_rate` (what the schedule does every step) sets group i to
+    `learning_rate · scales[i]`, so Muon and AdamW follow the same schedule shape from their own
+    peaks.
+    """
+
+    def __init__(self, optimizers: list[optim.Optimizer], filters: list[Callable],
+                 scales: list[float]):
+        super().__init__(optimizers, filters)
+        self.scales = scales
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self.optimizers[0].learning_rate / self.scales[0]
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: float | mx.array) -> None:
+        for o, scale in zip(self.optimizers, self.scales, strict=True):
+            o.learning_rate = learning_rate * scale
+
+
+def is_hidden_matrix(path: str, weight: mx.array) -> bool:
+    """The matrices inside the blocks (attention and MLP projections): Muon's share."""
+    return path.startswith("model.layers.") and weight.ndim == 2
+
+
 def make_optimizer(opt: OptimConfig) -> optim.Optimizer:
-    """AdamW with bias correction; weight decay on matrices only (not on norm gains)."""
+    """The optimizer of `opt` (see OptimConfig).
+
+    AdamW: with bias correction; weight decay on matrices only (not on norm gains); two groups,
+    matrices first. Muon: three groups, the hidden matrices under Muon first, then the two AdamW
+    groups (embeddings and head with weight decay, norm gains without).
+    """
 
     def adamw(weight_decay: float) -> optim.AdamW:
         return optim.AdamW(opt.lr, betas=list(opt.betas), eps=opt.eps, weight_decay=weight_decay,
                            bias_correction=True)
 
-    return optim.MultiOptimizer([adamw(opt.weight_decay), adamw(0.0)],
-                                [lambda path, weight: weight.ndim >= 2])
+    def is_matrix(path: str, weight: mx.array) -> bool:
+        return weight.ndim >= 2
+
+    if opt.optimizer == "muon":
+        muon = optim.Muon(opt.muon_lr, momentum=opt.muon_momentum,
+                          weight_decay=opt.muon_weight_decay, nesterov=True, ns_steps=5)
+        return ScaledMultiOptimizer([muon, adamw(opt.weight_decay), adamw(0.0)],
+                                    [is_hidden_matrix, is_matrix],
+                                    [opt.muon_lr / opt.lr, 1.0, 1.0])
+    return optim.MultiOptimizer([adamw(opt.weight_decay), adamw(0.0)], [is_matrix])
 
 
 TrainStep = Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]

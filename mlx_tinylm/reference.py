@@ -1,7 +1,8 @@
 """The GPT of `model.py` in NumPy with a hand-written backward pass: the oracle and fallback engine.
 
-It mirrors `model.py` name for name (RMSNorm, Attention, MLP, Block, Transformer, GPT, loss_fn)
-and reads and writes the same name -> array dict (the names of `ModelConfig.param_shapes()`).
+It mirrors `model.py` name for name (RMSNorm, LayerNorm, Attention, MLP, Block, Transformer, GPT,
+loss_fn), every option of `ModelConfig` included, and reads and writes the same name -> array
+dict (the names of `ModelConfig.param_shapes()`).
 Every layer has an explicit `forward(w, x) -> (y, cache)` and `backward(w, dy, cache, grads) -> dx`
 (no autograd): `w` is the weight dict, `backward` adds the layer's parameter gradients to `grads`.
 The dtype of the weights (float32 or float64) is the dtype of the whole computation; the tests
@@ -85,6 +86,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def gelu_tanh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GELU, tanh approximation (model.gelu_tanh), and tanh(u) for the backward pass."""
+    t = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1 + t), t
+
+
+def gelu_tanh_backward(dy: np.ndarray, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """d/dx of 0.5·x·(1 + tanh(u)), u = c·(x + a·x³): 0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3a·x²)."""
+    c = math.sqrt(2 / math.pi)
+    return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+
+
 # ----- layers (same names as model.py) ---------------------------------------------------------
 
 class RMSNorm:
@@ -107,8 +120,34 @@ class RMSNorm:
         return r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
 
 
+class LayerNorm:
+    """y = (x - mean(x)) / sqrt(var(x) + eps) · weight (a gain, no bias)."""
+
+    def __init__(self, name: str, eps: float):
+        self.name = f"{name}.weight"
+        self.eps = eps
+
+    def forward(self, w: Params, x: np.ndarray) -> tuple[np.ndarray, Cache]:
+        centred = x - np.mean(x, axis=-1, keepdims=True)
+        r = 1 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        xhat = centred * r
+        return xhat * w[self.name], (xhat, r)
+
+    def backward(self, w: Params, dy: np.ndarray, cache: Cache, grads: Params) -> np.ndarray:
+        xhat, r = cache
+        _accumulate(grads, self.name, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0))
+        dxhat = dy * w[self.name]
+        # The mean and the scale both depend on x: remove dxhat's mean and its part along xhat.
+        return r * (dxhat - np.mean(dxhat, axis=-1, keepdims=True)
+                    - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+
+
+def make_norm(cfg: ModelConfig, name: str) -> RMSNorm | LayerNorm:
+    return (LayerNorm if cfg.norm == "layernorm" else RMSNorm)(name, cfg.norm_eps)
+
+
 class Attention:
-    """Causal multi-head self-attention with RoPE on queries and keys."""
+    """Causal multi-head self-attention; optional QK-norm, then RoPE, on queries and keys."""
 
     def __init__(self, cfg: ModelConfig, name: str):
         self.name = name
@@ -116,6 +155,10 @@ class Attention:
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.rope_base = cfg.rope_base
+        self.use_rope = cfg.position == "rope"
+        # QK-norm is RMSNorm over each head (Qwen3), whatever the block norms are.
+        self.q_norm = RMSNorm(f"{name}.q_norm", cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(f"{name}.k_norm", cfg.norm_eps) if cfg.qk_norm else None
 
     def _w(self, w: Params, proj: str) -> np.ndarray:
         return w[f"{self.name}.{proj}.weight"]
@@ -134,16 +177,22 @@ class Attention:
         q = self._heads(linear(x, self._w(w, "q_proj")))
         k = self._heads(linear(x, self._w(w, "k_proj")))
         v = self._heads(linear(x, self._w(w, "v_proj")))
-        cos, sin = rope_tables(T, self.head_dim, self.rope_base, x.dtype)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        c_qn = c_kn = None
+        if self.q_norm is not None and self.k_norm is not None:
+            q, c_qn = self.q_norm.forward(w, q)
+            k, c_kn = self.k_norm.forward(w, k)
+        cos = sin = None
+        if self.use_rope:
+            cos, sin = rope_tables(T, self.head_dim, self.rope_base, x.dtype)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         scores = (q @ k.swapaxes(-1, -2)) * self.scale
         causal = np.tril(np.ones((T, T), dtype=bool))
         p = softmax(np.where(causal, scores, -np.inf))
         merged = self._merge(p @ v)
-        return linear(merged, self._w(w, "o_proj")), (x, q, k, v, p, merged, cos, sin)
+        return linear(merged, self._w(w, "o_proj")), (x, q, k, v, p, merged, cos, sin, c_qn, c_kn)
 
     def backward(self, w: Params, dy: np.ndarray, cache: Cache, grads: Params) -> np.ndarray:
-        x, q, k, v, p, merged, cos, sin = cache
+        x, q, k, v, p, merged, cos, sin, c_qn, c_kn = cache
         dmerged, dwo = linear_backward(dy, merged, self._w(w, "o_proj"))
         _accumulate(grads, f"{self.name}.o_proj.weight", dwo)
         dout = self._heads(dmerged)
@@ -151,8 +200,12 @@ class Attention:
         dp = dout @ v.swapaxes(-1, -2)
         # Softmax backward; masked entries have p = 0 and so get no gradient.
         dscores = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) * self.scale
-        dq = rope_backward(dscores @ k, cos, sin)
-        dk = rope_backward(dscores.swapaxes(-1, -2) @ q, cos, sin)
+        dq, dk = dscores @ k, dscores.swapaxes(-1, -2) @ q
+        if self.use_rope:
+            dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+        if self.q_norm is not None and self.k_norm is not None:
+            dq = self.q_norm.backward(w, dq, c_qn, grads)
+            dk = self.k_norm.backward(w, dk, c_kn, grads)
         dx = np.zeros_like(x)
         for proj, dproj in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
             dxi, dwi = linear_backward(self._merge(dproj), x, self._w(w, proj))
@@ -162,7 +215,7 @@ class Attention:
 
 
 class MLP:
-    """SwiGLU: down(silu(gate(x)) · up(x)); ReLU²: down(relu(up(x))²)."""
+    """SwiGLU: down(silu(gate(x)) · up(x)); ReLU²: down(relu(up(x))²); GELU: down(gelu(up(x)))."""
 
     def __init__(self, cfg: ModelConfig, name: str):
         self.name = name
@@ -179,6 +232,9 @@ class MLP:
             act = gate * sig  # silu
             h = act * up
             return linear(h, self._w(w, "down_proj")), (x, h, up, gate, sig, act)
+        if self.kind == "gelu":
+            h, t = gelu_tanh(up)
+            return linear(h, self._w(w, "down_proj")), (x, h, up, t)
         r = np.maximum(up, 0)
         h = r * r
         return linear(h, self._w(w, "down_proj")), (x, h, r)
@@ -193,6 +249,10 @@ class MLP:
             dgate = dh * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = σ + g·σ·(1-σ)
             dx_gate, dwg = linear_backward(dgate, x, self._w(w, "gate_proj"))
             _accumulate(grads, f"{self.name}.gate_proj.weight", dwg)
+        elif self.kind == "gelu":
+            _, _, up, t = cache
+            dup = gelu_tanh_backward(dh, up, t)
+            dx_gate = 0
         else:
             r = cache[2]
             dup = dh * 2 * r  # zero where up <= 0
@@ -203,12 +263,12 @@ class MLP:
 
 
 class Block:
-    """x + Attention(RMSNorm(x)); then x + MLP(RMSNorm(x))."""
+    """x + Attention(Norm(x)); then x + MLP(Norm(x))."""
 
     def __init__(self, cfg: ModelConfig, name: str):
-        self.input_layernorm = RMSNorm(f"{name}.input_layernorm", cfg.norm_eps)
+        self.input_layernorm = make_norm(cfg, f"{name}.input_layernorm")
         self.self_attn = Attention(cfg, f"{name}.self_attn")
-        self.post_attention_layernorm = RMSNorm(f"{name}.post_attention_layernorm", cfg.norm_eps)
+        self.post_attention_layernorm = make_norm(cfg, f"{name}.post_attention_layernorm")
         self.mlp = MLP(cfg, f"{name}.mlp")
 
     def forward(self, w: Params, x: np.ndarray) -> tuple[np.ndarray, Cache]:
@@ -228,15 +288,19 @@ class Block:
 
 
 class Transformer:
-    """embed_tokens -> layers -> norm."""
+    """embed_tokens (+ embed_positions) -> layers -> norm."""
 
     def __init__(self, cfg: ModelConfig, name: str = "model"):
         self.embed_name = f"{name}.embed_tokens.weight"
+        self.positions_name = (f"{name}.embed_positions.weight" if cfg.position == "learned"
+                               else None)
         self.layers = [Block(cfg, f"{name}.layers.{i}") for i in range(cfg.n_layers)]
-        self.norm = RMSNorm(f"{name}.norm", cfg.norm_eps)
+        self.norm = make_norm(cfg, f"{name}.norm")
 
     def forward(self, w: Params, tokens: np.ndarray) -> tuple[np.ndarray, Cache]:
         x = w[self.embed_name][tokens]
+        if self.positions_name is not None:
+            x = x + w[self.positions_name][: tokens.shape[-1]]
         caches = []
         for layer in self.layers:
             x, c = layer.forward(w, x)
@@ -249,6 +313,10 @@ class Transformer:
         dx = self.norm.backward(w, dh, c_norm, grads)
         for layer, c in zip(reversed(self.layers), reversed(caches), strict=True):
             dx = layer.backward(w, dx, c, grads)
+        if self.positions_name is not None:
+            dpos = np.zeros_like(w[self.positions_name])
+            dpos[: tokens.shape[-1]] = dx.reshape(-1, *dx.shape[-2:]).sum(axis=0)
+            _accumulate(grads, self.positions_name, dpos)
         embed = w[self.embed_name]
         dembed = np.zeros_like(embed)
         np.add.at(dembed, tokens.reshape(-1), dx.reshape(-1, embed.shape[1]))
@@ -282,7 +350,8 @@ class GPT:
 
     def init_weights(self, seed: int = 0) -> Params:
         """model.GPT.init_weights in NumPy: N(0, init_std) matrices, residual projections
-        scaled by 1/sqrt(2·n_layers), norm gains 1. Returns the weights and keeps them."""
+        scaled by 1/sqrt(2·n_layers) (or zero with `zero_init_residual`), norm gains 1.
+        Returns the weights and keeps them."""
         cfg = self.config
         rng = np.random.default_rng(seed)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -291,7 +360,11 @@ class GPT:
             if len(shape) == 1:
                 new[name] = np.ones(shape, self.dtype)
                 continue
-            std = residual_std if any(p in name for p in RESIDUAL_PROJECTIONS) else cfg.init_std
+            residual = any(p in name for p in RESIDUAL_PROJECTIONS)
+            if residual and cfg.zero_init_residual:
+                new[name] = np.zeros(shape, self.dtype)
+                continue
+            std = residual_std if residual else cfg.init_std
             new[name] = (std * rng.standard_normal(shape)).astype(self.dtype)
         self.weights = new
         return new

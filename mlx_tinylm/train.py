@@ -32,6 +32,7 @@ from .schedule import Schedule
 
 DEFAULT_PROMPT = "Once upon a time"
 AUTO_PRESET = "auto"
+SHAPE_FIELDS = {"d_model", "n_layers", "n_heads", "context_length"}  # what a plan decides
 
 
 class TrainingDiverged(TinyLMError):
@@ -261,7 +262,7 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
     flops_per_token = cfg.flops_per_token()
     tokens_per_step = t.batch_size * cfg.context_length
     kind = t.budget_kind
-    schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac)
+    schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac, t.schedule)
 
     reporter.start({
         "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
@@ -498,8 +499,7 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
     saved = checkpoint.read_config(run_dir)
     try:
         spec = RunSpec(run_dir=run_dir, model=ModelConfig.from_dict(saved["model"]),
-                       optim=OptimConfig(**{**saved["optim"],
-                                            "betas": tuple(saved["optim"]["betas"])}),
+                       optim=OptimConfig.from_dict(saved["optim"]),
                        train=TrainConfig(**saved["train"]), engine=saved["engine"],
                        preset=saved.get("preset", "custom"), resume=True)
         data_path = saved["data"]["path"]
@@ -542,8 +542,13 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
         raise TinyLMError(f"this model needs about {needed / 2**30:.1f} GiB to train but "
                           f"{available / 2**30:.1f} GiB is available; choose a smaller model or "
                           "batch, or pass --force")
-    engine = resolve_engine(train_cfg.engine, model, train_cfg.batch_size)
-    name = preset if not changes else f"{preset}-custom"
+    # Only the MLX engine implements Muon; 'auto' must not pick another.
+    engine = ("mlx" if optim.optimizer != "adamw" and train_cfg.engine == "auto"
+              else resolve_engine(train_cfg.engine, model, train_cfg.batch_size))
+    if engine != "mlx" and optim.optimizer != "adamw":
+        raise TinyLMError(f"the {engine} engine implements AdamW only, not {optim.optimizer}; "
+                          "use --engine mlx")
+    name = preset if model == base.with_(vocab_size=model.vocab_size) else f"{preset}-custom"
     run_dir = Path(out) if out is not None else Path("models") / default_run_name(name)
     if checkpoint.checkpoint_dir(run_dir) is not None:
         raise TinyLMError(f"{run_dir} already holds a run; continue it with --resume or choose "
@@ -562,7 +567,7 @@ def _auto_preset(data: PreparedData, train_cfg: TrainConfig, changes: dict[str, 
     from .config import preset as get_preset
     from .plan import cached_plan
 
-    if changes or train_cfg.budget_kind != "time":
+    if SHAPE_FIELDS & set(changes) or train_cfg.budget_kind != "time":
         return get_preset(DEFAULT_PRESET), train_cfg, {}
     if message is not None:
         message("planning the model size for this machine and budget (once; then cached)")

@@ -150,8 +150,9 @@ def test_numpy_optimizer_resumes_from_mlx_optimizer_state() -> None:
         assert np.abs(np.array(w) - np_gpt.weights[name]).max() < 2e-3 * opt_cfg.lr, name
 
 
-def test_changing_a_later_token_never_changes_earlier_mlx_logits() -> None:
-    cfg = small_config("relu2-untied")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_a_later_token_never_changes_earlier_mlx_logits(variant: str) -> None:
+    cfg = small_config(variant)
     model = build_mlx(cfg, wide_weights(cfg, seed=3))
     inputs, _ = batch(cfg, seed=4)
     base = np.array(model(mx.array(inputs)))
@@ -164,7 +165,10 @@ def test_changing_a_later_token_never_changes_earlier_mlx_logits() -> None:
 
 
 PRESET_VARIANTS = {**PRESETS,
-                   "nano-relu2-untied": PRESETS["nano"].with_(mlp="relu2", tie_embeddings=False)}
+                   "nano-relu2-untied": PRESETS["nano"].with_(mlp="relu2", tie_embeddings=False),
+                   "nano-every-option": PRESETS["nano"].with_(
+                       mlp="gelu", position="learned", norm="layernorm", qk_norm=True,
+                       tie_embeddings=False, zero_init_residual=True)}
 
 
 @pytest.mark.parametrize("name", PRESET_VARIANTS)

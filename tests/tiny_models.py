@@ -6,11 +6,15 @@ import numpy as np
 
 from mlx_tinylm.config import ModelConfig
 
-# Both MLP kinds and both head kinds; the second config also moves the RoPE base and norm eps off
-# their defaults, so an engine that ignores the config is caught.
+# Every MLP kind, both head kinds, both norms, both position encodings and QK-norm; the second
+# config also moves the RoPE base and norm eps off their defaults, so an engine that ignores the
+# config is caught. "gelu-learned" is the nanoGPT baseline's architecture.
 VARIANTS = {
     "swiglu-tied": dict(mlp="swiglu", tie_embeddings=True),
     "relu2-untied": dict(mlp="relu2", tie_embeddings=False, rope_base=500.0, norm_eps=1e-4),
+    "gelu-learned": dict(mlp="gelu", position="learned", norm="layernorm", tie_embeddings=True),
+    "relu2-qknorm-layernorm": dict(mlp="relu2", qk_norm=True, norm="layernorm",
+                                   tie_embeddings=False),
 }
 
 
@@ -37,7 +41,7 @@ def wide_weights(cfg: ModelConfig, seed: int, dtype=np.float32) -> dict[str, np.
     for name, shape in cfg.param_shapes().items():
         if len(shape) == 1:
             w = 1 + 0.3 * rng.standard_normal(shape)
-        elif "embed_tokens" in name:
+        elif "embed_" in name:  # token and position tables
             w = rng.standard_normal(shape)
         else:
             w = rng.standard_normal(shape) / np.sqrt(shape[1])
