@@ -106,9 +106,11 @@ def plan(
             console.print(f"measuring {i + 1}/{n}: d_model {cfg.d_model}, "  # type: ignore
                           f"{cfg.n_layers} layers", end="\r")  # type: ignore
 
+    planner.check_budget(minutes)  # before minutes of measuring
+    law = planner.LossLaw.load()
     measured = planner.measure_grid(engine, seconds_per_shape=seconds, progress=progress)
     planner.save_measurements(measured, engine)  # `train --preset auto` reuses them
-    result = planner.make_plan(minutes, engine, measured=measured)
+    result = planner.make_plan(minutes, engine, law=law, measured=measured)
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -208,6 +208,11 @@ class FastNumpyEngine:
     def __init__(self, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
                  weights: dict[str, np.ndarray] | None = None,
                  optimizer: dict[str, np.ndarray] | None = None):
+        from .errors import TinyLMError
+
+        if opt.optimizer != "adamw":
+            raise TinyLMError(f"the NumPy engine implements AdamW only, not {opt.optimizer}; "
+                              "use --engine mlx")
         from . import fastnp
 
         self.fastnp = fastnp
@@ -243,12 +248,19 @@ class FastNumpyEngine:
         return process_peak_rss_bytes()
 
 
+def fast_numpy_supports(cfg: ModelConfig) -> bool:
+    """fastnp implements the default architecture and initialisation: RoPE, RMSNorm,
+    SwiGLU/ReLU², no QK-norm, no zero-initialised projections."""
+    return (cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in ("swiglu", "relu2")
+            and not cfg.qk_norm and not cfg.zero_init_residual)
+
+
 def make_engine(name: str, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
                 weights: dict[str, np.ndarray] | None = None,
                 optimizer: dict[str, np.ndarray] | None = None) -> Engine:
     """Build the named engine ('mlx' or 'numpy'), optionally from saved state."""
-    if name == "numpy":
+    if name == "numpy" and fast_numpy_supports(cfg):
         return FastNumpyEngine(cfg, opt, seed, weights, optimizer)
-    if name == "reference":
+    if name in ("numpy", "reference"):  # the reference runs every model option, slowly
         return NumpyEngine(cfg, opt, seed, weights, optimizer)
     return MlxEngine(cfg, opt, seed, weights, optimizer)

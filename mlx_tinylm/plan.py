@@ -127,6 +127,11 @@ def check_measuring(seconds: float, batch_size: int) -> None:
         raise TinyLMError(f"--batch-size must be a positive integer, got {batch_size}")
 
 
+def check_budget(minutes: float) -> None:
+    if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+        raise TinyLMError(f"--minutes must be > 0, got {minutes}")
+
+
 def measure_throughput(cfg: ModelConfig, batch_size: int, engine: str,
                        seconds: float = 1.0, min_steps: int = 2) -> float:
     """Steady-state training tok/s of one shape on `engine` (compile and warm-up excluded)."""
@@ -208,8 +213,7 @@ def make_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
               measured: dict[str, Any] | None = None) -> dict[str, Any]:
     """Pick the candidate with the lowest predicted bpb that fits, from throughput measured here
     (now, or earlier in `measured`: throughput does not depend on the budget)."""
-    if not (minutes > 0 and math.isfinite(minutes)):
-        raise TinyLMError(f"--minutes must be > 0, got {minutes}")
+    check_budget(minutes)
     law = law or LossLaw.load()
     if measured is None:
         measured = measure_grid(engine, vocab_size, grid, seconds_per_shape, progress)
