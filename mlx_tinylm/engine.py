@@ -147,11 +147,8 @@ class NumpyEngine:
                  weights: dict[str, np.ndarray] | None = None,
                  optimizer: dict[str, np.ndarray] | None = None):
         from . import reference
-        from .errors import TinyLMError
 
-        if opt.optimizer != "adamw":
-            raise TinyLMError(f"the NumPy engine implements AdamW only, not {opt.optimizer}; "
-                              "use --engine mlx")
+        _require_adamw(opt)
         self.ref = reference
         self.cfg = cfg
         self.opt = opt
@@ -208,12 +205,9 @@ class FastNumpyEngine:
     def __init__(self, cfg: ModelConfig, opt: OptimConfig, seed: int = 0,
                  weights: dict[str, np.ndarray] | None = None,
                  optimizer: dict[str, np.ndarray] | None = None):
-        from .errors import TinyLMError
-
-        if opt.optimizer != "adamw":
-            raise TinyLMError(f"the NumPy engine implements AdamW only, not {opt.optimizer}; "
-                              "use --engine mlx")
         from . import fastnp
+
+        _require_adamw(opt)
 
         self.fastnp = fastnp
         self.cfg = cfg
@@ -246,6 +240,15 @@ class FastNumpyEngine:
 
     def peak_memory_bytes(self) -> int:
         return process_peak_rss_bytes()
+
+
+def _require_adamw(opt: OptimConfig) -> None:
+    """The NumPy engines implement AdamW only."""
+    if opt.optimizer != "adamw":
+        from .errors import TinyLMError
+
+        raise TinyLMError(f"the NumPy engine implements AdamW only, not {opt.optimizer}; "
+                          "use --engine mlx")
 
 
 def fast_numpy_supports(cfg: ModelConfig) -> bool:
