@@ -783,14 +783,19 @@ def fastest_engine(cfg: ModelConfig, batch: int, context: int | None = None, ste
                    use_cache: bool = True) -> str:
     """'mlx' or 'numpy': whichever trains this model faster here, measured over a few steps.
 
-    MLX on a GPU (Metal, CUDA) is always the answer. On a CPU both engines take one warm-up
-    (compile) step and `steps` timed steps on random tokens; the faster wins. The answer is
-    remembered per machine, versions, model and batch in the cache folder
+    MLX on a GPU (Metal, CUDA) is always the answer, and so is it for an architecture the fast
+    NumPy engine does not implement (the reference would be far slower). Otherwise both engines
+    take one warm-up (compile) step and `steps` timed steps on random tokens; the faster wins.
+    The answer is remembered per machine, versions, model and batch in the cache folder
     (`engine-choice.json`), so only the first run of a configuration pays for the measurement.
     """
     import mlx.core as mx
 
     if mx.default_device().type == mx.gpu:
+        return "mlx"
+    from .engine import fast_numpy_supports
+
+    if not fast_numpy_supports(cfg):  # 'numpy' would mean the slow reference engine
         return "mlx"
     t = cfg.context_length if context is None else context
     cache_file, key = _engine_choice_key(cfg, batch, t)

@@ -112,3 +112,16 @@ def test_fastest_engine_measures_once_then_remembers_the_choice(tmp_path, monkey
         {k: {**v, "engine": other} for k, v in saved.items()}))
     assert B.fastest_engine(cfg, batch=2, context=32) == other
     assert B.fastest_engine(cfg, batch=2, context=32, use_cache=False) in ("mlx", "numpy")
+
+
+@pytest.mark.parametrize("option", [dict(position="learned"), dict(norm="layernorm"),
+                                    dict(mlp="gelu"), dict(qk_norm=True)])
+def test_auto_engine_is_mlx_for_an_architecture_the_fast_numpy_engine_lacks(
+        option, tmp_path, monkeypatch) -> None:
+    # 'numpy' would silently mean the reference engine, many times slower than MLX
+    from mlx_tinylm.config import preset
+
+    monkeypatch.setenv("TINYLM_HOME", str(tmp_path))
+    cfg = preset("nano").with_(context_length=32, vocab_size=256, **option)
+    assert B.fastest_engine(cfg, batch=2, context=32) == "mlx"
+    assert not (tmp_path / "engine-choice.json").exists()  # answered without measuring
