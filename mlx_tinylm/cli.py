@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .errors import TinyLMError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -82,7 +82,8 @@ def plan(
     minutes: float = typer.Option(5.0, help="Training budget to plan for."),
     params: str = typer.Option(None, help="Check one size instead, e.g. 10M (with --tokens)."),
     tokens: str = typer.Option(None, help="Training tokens for --params, e.g. 200M."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Batch for --params."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size",
+                                   help="Batch for --params."),
     engine: str = typer.Option("auto", help="auto, mlx or numpy."),
     seconds: float = typer.Option(1.0, help="Measuring time per candidate shape."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -217,7 +218,7 @@ def train(
     from dataclasses import replace
 
     from . import train as training
-    from .config import DEFAULT_RECIPE, TrainConfig
+    from .config import DEFAULT_RECIPE
     from .config import recipe as get_recipe
     from .dashboard import make_reporter
 

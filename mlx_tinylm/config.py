@@ -32,8 +32,10 @@ class ConfigError(TinyLMError, ValueError):
 class ModelConfig:
     """Shape of a pre-norm decoder without biases.
 
-    The defaults describe a Llama-style model (RMSNorm, RoPE); the options cover the variants the
-    recipe benchmark compares, each loadable by a common runtime's model type:
+    The defaults are the default recipe, chosen by measurement (`benchmarks/recipe.py`, README
+    "Recipe"): Llama's layout (RMSNorm, RoPE, no biases) with a ReLU² MLP and an untied head,
+    which is Hugging Face's `arcee` model type. The options cover the variants the recipe
+    benchmark compares, each loadable by a common runtime's model type:
 
     - `position`: "rope" (rotary, on queries and keys) or "learned" (an absolute position
       embedding `model.embed_positions.weight` added to the token embedding, as in GPT-2).
@@ -51,9 +53,9 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     context_length: int = 256
-    mlp: str = "swiglu"
+    mlp: str = "relu2"
     mlp_hidden: int | None = None  # None: 8/3·d for SwiGLU, 4·d otherwise, rounded up to 32
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -275,7 +277,7 @@ class TrainConfig:
     minutes: float | None = 5.0  # wall-clock budget (ignored when steps or tokens is set)
     steps: int | None = None
     tokens: int | None = None
-    batch_size: int = 32
+    batch_size: int = 16
     seed: int = 0
     schedule: str = "wsd"  # learning-rate shape (see schedule.py)
     warmup: float = 0.03  # fractions of the budget
@@ -340,11 +342,13 @@ def preset(name: str) -> ModelConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def preset_summary(name: str, batch_size: int = 32) -> dict[str, Any]:
-    """Shape and cost facts of a preset (what `tinylm presets` prints)."""
+def preset_summary(name: str, batch_size: int | None = None) -> dict[str, Any]:
+    """Shape and cost facts of a preset (what `tinylm presets` prints), training memory at
+    `batch_size` (default: the training default)."""
     cfg = preset(name)
+    batch = TrainConfig.batch_size if batch_size is None else batch_size
     return {**cfg.to_dict(), "params": cfg.n_params, "flops_per_token": cfg.flops_per_token(),
-            "memory_bytes": cfg.training_memory_bytes(batch_size)}
+            "memory_bytes": cfg.training_memory_bytes(batch)}
 
 
 # ----- recipes: architecture options + optimizer + schedule, on top of a size preset -----------

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ModelConfig, OptimConfig, format_count
+from .config import ModelConfig, OptimConfig, TrainConfig, format_count
 from .errors import TinyLMError
 
 LAW_FILE = Path(__file__).with_name("loss_law.json")
@@ -104,7 +104,7 @@ def _nnls(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def candidate_grid(vocab_size: int, widths: tuple[int, ...] = (64, 96, 128, 192, 256, 384),
                    depths: tuple[int, ...] = (2, 4, 6), contexts: tuple[int, ...] = (256,),
-                   batches: tuple[int, ...] = (32,),
+                   batches: tuple[int, ...] = (TrainConfig.batch_size,),
                    base: ModelConfig | None = None) -> list[tuple[ModelConfig, int]]:
     """(config, batch) pairs to measure: width × depth × context × batch, 32-wide heads."""
     base = base or ModelConfig()
@@ -302,8 +302,9 @@ def shape_for_params(params: float, vocab_size: int = 4096, context: int = 256) 
     return best
 
 
-def check_size(params: float, tokens: float, batch_size: int = 32, engine: str = "auto",
-               vocab_size: int = 4096, seconds: float = 1.0) -> dict[str, Any]:
+def check_size(params: float, tokens: float, batch_size: int = TrainConfig.batch_size,
+               engine: str = "auto", vocab_size: int = ModelConfig.vocab_size,
+               seconds: float = 1.0) -> dict[str, Any]:
     """Memory, compute and time on this device for a model of `params` trained on `tokens`."""
     from .device import available_memory_bytes, device_name
     from .train import resolve_engine

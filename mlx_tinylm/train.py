@@ -504,8 +504,9 @@ def resume_spec(out: str | Path | None) -> tuple[RunSpec, PreparedData]:
                        preset=saved.get("preset", "custom"), resume=True)
         data_path = saved["data"]["path"]
     except (KeyError, TypeError, ValueError) as err:
+        detail = " ".join(str(err).split())  # a damaged key may itself hold a line break
         raise TinyLMError(f"{run_dir / checkpoint.CONFIG} is incomplete or damaged "
-                          f"({type(err).__name__}: {err}); it cannot be resumed") from None
+                          f"({type(err).__name__}: {detail}); it cannot be resumed") from None
     if not isinstance(data_path, str) or not Path(data_path).is_dir():
         raise TinyLMError(f"the data {run_dir} was trained on is not at {data_path!r} any more; "
                           "put it back (tinylm data prepare) to resume")

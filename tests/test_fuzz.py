@@ -94,6 +94,7 @@ def test_model_config_from_any_text_is_a_config_or_a_config_error(text):
 
 @given(sections=st.dictionaries(st.sampled_from(["model", "optim", "train", "engine", "data",
                                                  "format_version"]), JSON | CONFIG_OBJECTS))
+@example(sections={"optim": {"\n": None}})  # once printed the key's line break into the message
 @FUZZ
 def test_resuming_from_a_config_json_holding_anything_is_a_one_line_error(prepared, tmp_path,
                                                                          sections):
