@@ -181,13 +181,13 @@ def run_one(spec: str, seed: int, common: dict[str, Any], budget: TrainConfig, a
         run = training.build_spec(data, preset=preset, overrides=overrides, optim=optim,
                                   train_cfg=train_cfg, out=Path(tmp) / "run")
         summary = training.train(run, data, Quiet(f"{spec} seed {seed}"))
-        cfg = run.model
+        cfg, engine = run.model, run.engine
     return {
         "variant": spec, "seed": seed, "val_bpb": summary["val_bpb"],
         "val_loss": summary["val_loss"], "tokens": summary["tokens"], "steps": summary["steps"],
         "train_seconds": summary["train_seconds"], "tok_s": summary["tok_s"],
         "eval_seconds": summary["eval_seconds"], "params": cfg.n_params,
-        "val_tokens": summary["val_tokens"],
+        "val_tokens": summary["val_tokens"], "engine": engine,
         "model": cfg.to_dict(), "optim": asdict(optim), "train": asdict(run.train),
     }
 
