@@ -151,6 +151,9 @@ def sweep(
     out: str = typer.Option(None, help="Sweep folder (default models/sweep-<timestamp>)."),
     engine: str = typer.Option("auto", help="auto, mlx or numpy."),
     fit: bool = typer.Option(False, help="Refit the planner's loss-law constants from this sweep."),
+    fit_with: list[str] = typer.Option(None, "--fit-with", help="Earlier sweep folders whose "
+                                       "runs join the fit (another budget separates the effects "
+                                       "of size and tokens)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Train several sizes at the same budget, one after another; table + plot (+ refit)."""
@@ -167,10 +170,15 @@ def sweep(
     names = [p.strip() for p in presets.split(",") if p.strip()]
     if not names:
         fail("--presets needs at least one preset name")
+    if fit_with and not fit:
+        fail("--fit-with only adds runs to a fit: give --fit too")
+    earlier = [Path(f) for f in fit_with or []]
+    for f in earlier:  # a bad folder fails before minutes of training, not after
+        planner.read_sweep(f)
     prepared = training.load_data(data, files, val_files, progress=not as_json)
     folder = Path(out or f"models/sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     result = planner.run_sweep(minutes, names, prepared, folder, fit=fit, tokens=tokens,
-                               engine=engine)
+                               engine=engine, fit_with=earlier)
     if as_json:
         typer.echo(json.dumps(result))
         return

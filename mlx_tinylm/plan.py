@@ -367,9 +367,12 @@ def describe_check(r: dict[str, Any]) -> list[str]:
 
 def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, seed: int = 0,
               fit: bool = False, progress: Any = None, tokens: int | None = None,
-              engine: str = "auto") -> dict[str, Any]:
+              engine: str = "auto", fit_with: list[Path] | None = None,
+              law_file: Path = LAW_FILE) -> dict[str, Any]:
     """Train each preset for `minutes` (or `tokens`) here, one after another; write a table
-    and a plot into `out`."""
+    and a plot into `out`. With `fit`, refit the loss law on these runs plus those of the
+    earlier sweep folders in `fit_with`: one budget alone moves parameters and tokens together,
+    so a second budget is what lets the fit tell their effects apart."""
     from .config import TrainConfig
     from .config import preset as get_preset
     from .dashboard import PlainLog
@@ -381,6 +384,7 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     except OSError as err:
         raise TinyLMError(f"cannot create the sweep folder {out} ({err.strerror or err}); "
                           "choose another --out") from None
+    earlier = [row for folder in fit_with or [] for row in read_sweep(folder)["rows"]]
     rows = []
     for name in presets:
         get_preset(name)  # unknown names fail before any training
@@ -401,15 +405,29 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     if fit:
         from .device import device_name
 
-        law = fit_loss_law([(r["params"], r["tokens"], r["val_bpb"]) for r in rows],
+        law = fit_loss_law([(r["params"], r["tokens"], r["val_bpb"]) for r in rows + earlier],
                            {"device": device_name(), "date": result["date"],
                             "data": str(data.path), "budget_minutes": minutes,
-                            "budget_tokens": tokens})
-        law.save()
+                            "budget_tokens": tokens,
+                            "also_fitted": [str(f) for f in fit_with or []]})
+        law.save(law_file)
         result["law"] = asdict(law)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))
     title = f"{minutes:g}-minute sweep" if minutes else f"{format_count(tokens or 0)}-token sweep"
     plot_sweep(rows, out / "sweep.png", title)
+    return result
+
+
+def read_sweep(folder: Path) -> dict[str, Any]:
+    """An earlier sweep's sweep.json; a one-line error when it is missing or damaged."""
+    path = Path(folder) / "sweep.json"
+    try:
+        result = json.loads(path.read_text())
+        for r in result["rows"]:
+            float(r["params"]), float(r["tokens"]), float(r["val_bpb"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TinyLMError(f"{path} is not a sweep result ({type(err).__name__}); give a folder "
+                          "that `tinylm sweep` wrote") from None
     return result
 
 

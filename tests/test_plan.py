@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import assert_clean_failure, run_cli
 
 import mlx_tinylm  # noqa: F401
 from mlx_tinylm import plan as planner
@@ -77,3 +77,26 @@ def test_sweep_trains_two_sizes_end_to_end(prepared, tmp_path):
         assert row["tokens"] >= 16384 and row["val_bpb"] > 0
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"]
+
+
+def test_sweep_fit_joins_the_runs_of_an_earlier_sweep(prepared, tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    rows = [{"preset": p, "params": n, "tokens": d, "val_bpb": b}
+            for p, n, d, b in (("a", 2e5, 1e5, 2.6), ("b", 4e5, 5e4, 2.7), ("c", 8e5, 2.5e4, 2.9))]
+    (earlier / "sweep.json").write_text(json.dumps({"rows": rows}))
+    law_file = tmp_path / "law.json"
+    result = planner.run_sweep(None, ["nano", "micro"], prepared, tmp_path / "sweep",
+                               tokens=8192, engine="mlx", fit=True, fit_with=[earlier],
+                               law_file=law_file)
+    saved = planner.LossLaw.load(law_file)
+    assert len(saved.source["points"]) == 5  # two new runs + three earlier ones
+    assert saved.source["also_fitted"] == [str(earlier)]
+    assert result["law"]["A"] == saved.A
+
+
+def test_sweep_refuses_a_folder_that_holds_no_sweep_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("sweep", "--tokens", "1000", "--fit", "--fit-with", str(tmp_path / "empty"),
+                   "--files", str(tmp_path / "none.txt"))
+    assert_clean_failure(proc, "not a sweep result")
