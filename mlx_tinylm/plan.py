@@ -253,6 +253,15 @@ def save_measurements(measured: dict[str, Any], engine: str) -> None:
     tmp.replace(path)
 
 
+def measures_current_grid(measured: Any, vocab_size: int) -> bool:
+    """Whether cached measurements cover exactly today's candidate shapes and batch."""
+    wanted = [(cfg.to_dict(), batch) for cfg, batch in candidate_grid(vocab_size)]
+    try:
+        return [(s["config"], s["batch_size"]) for s in measured["shapes"]] == wanted
+    except (KeyError, TypeError):
+        return False
+
+
 def cached_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
                 progress: Any = None) -> dict[str, Any]:
     """The plan for this budget from this device's cached throughput (measured on first use)."""
@@ -261,8 +270,10 @@ def cached_plan(minutes: float, engine: str = "auto", vocab_size: int = 4096,
     if path.is_file():
         try:
             measured = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             measured = None
+        if not measures_current_grid(measured, vocab_size):
+            measured = None  # measured for another grid: a changed default recipe or batch
     if measured is None:
         measured = measure_grid(engine, vocab_size, progress=progress)
         save_measurements(measured, engine)

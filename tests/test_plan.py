@@ -100,3 +100,23 @@ def test_sweep_refuses_a_folder_that_holds_no_sweep_before_training(tmp_path):
     proc = run_cli("sweep", "--tokens", "1000", "--fit", "--fit-with", str(tmp_path / "empty"),
                    "--files", str(tmp_path / "none.txt"))
     assert_clean_failure(proc, "not a sweep result")
+
+
+def test_cached_throughput_is_used_only_for_the_grid_it_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYLM_HOME", str(tmp_path))
+    grid = planner.candidate_grid(4096)
+    measured = {"engine": "numpy", "device": "CPU", "memory_available": 0, "vocab_size": 4096,
+                "date": "2026-01-01",
+                "shapes": [{"config": c.to_dict(), "batch_size": b, "tok_s": 1000.0 + i,
+                            "memory_bytes": 1, "fits": True} for i, (c, b) in enumerate(grid)]}
+    assert planner.measures_current_grid(measured, 4096)
+    planner.save_measurements(measured, "numpy")
+    plan = planner.cached_plan(1.0, engine="numpy")  # no measuring: the cache is current
+    assert sorted(r["tok_s"] for r in plan["candidates"]) == [1000.0 + i for i in range(len(grid))]
+    # the same cache after the default recipe or batch changed is not current any more
+    stale = {**measured, "shapes": [{**s, "config": {**s["config"], "mlp": "swiglu"}}
+                                    for s in measured["shapes"]]}
+    assert not planner.measures_current_grid(stale, 4096)
+    assert not planner.measures_current_grid({**measured, "shapes": measured["shapes"][:-1]}, 4096)
+    assert not planner.measures_current_grid({"shapes": None}, 4096)
+    assert not planner.measures_current_grid(None, 4096)
