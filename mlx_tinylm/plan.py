@@ -389,16 +389,16 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     from .dashboard import PlainLog
     from .train import build_spec, train
 
+    for name in presets:
+        get_preset(name)  # unknown names fail before any folder or training
+    earlier = [row for folder in fit_with or [] for row in read_sweep(folder)["rows"]]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TinyLMError(f"cannot create the sweep folder {out} ({err.strerror or err}); "
                           "choose another --out") from None
-    earlier = [row for folder in fit_with or [] for row in read_sweep(folder)["rows"]]
     rows = []
-    for name in presets:
-        get_preset(name)  # unknown names fail before any training
     for name in presets:
         spec = build_spec(data, preset=name, overrides={}, optim=OptimConfig(),
                           train_cfg=TrainConfig(minutes=minutes, tokens=tokens, seed=seed,

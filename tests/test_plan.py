@@ -120,3 +120,9 @@ def test_cached_throughput_is_used_only_for_the_grid_it_measured(tmp_path, monke
     assert not planner.measures_current_grid({**measured, "shapes": measured["shapes"][:-1]}, 4096)
     assert not planner.measures_current_grid({"shapes": None}, 4096)
     assert not planner.measures_current_grid(None, 4096)
+
+
+def test_sweep_with_an_unknown_preset_fails_before_creating_its_folder(prepared, tmp_path):
+    with pytest.raises(planner.TinyLMError, match="unknown preset"):
+        planner.run_sweep(None, ["nano", "gigantic"], prepared, tmp_path / "sweep", tokens=100)
+    assert not (tmp_path / "sweep").exists()
