@@ -234,75 +234,82 @@ def train(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict[str, An
 def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict[str, Any]:
     from .device import matmul_gflops, numpy_matmul_gflops
 
-    run_dir, cfg, t = spec.run_dir, spec.model, spec.train
-    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    if len(train_tokens) <= cfg.context_length + 1:
-        raise TinyLMError(f"the training split has {len(train_tokens)} tokens, fewer than one "
-                          f"window of {cfg.context_length + 1}; use more text or a shorter "
-                          "--context")
+    # From here on Ctrl-C and SIGTERM set a flag instead of raising wherever the main thread
+    # happens to be: the loop saves and stops at a step boundary, and an interrupt during
+    # setup is answered before the first step.
+    with StopFlag() as stop:
+        run_dir, cfg, t = spec.run_dir, spec.model, spec.train
+        train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+        if len(train_tokens) <= cfg.context_length + 1:
+            raise TinyLMError(f"the training split has {len(train_tokens)} tokens, fewer than one "
+                              f"window of {cfg.context_length + 1}; use more text or a shorter "
+                              "--context")
 
-    state = LoopState()
-    weights = optimizer = None
-    if spec.resume:
-        weights, optimizer, saved = checkpoint.load_checkpoint(run_dir)
-        state = _loop_state(saved, run_dir)
-        checkpoint.check_weights(weights, cfg.param_shapes(), checkpoint.checkpoint_dir(run_dir))
-    engine = make_engine(spec.engine, cfg, spec.optim, t.seed, weights, optimizer)
-    sampler = BatchSampler(train_tokens, t.batch_size, cfg.context_length, t.seed)
-    if state.sampler:
-        sampler.load_state_dict(state.sampler)
-    if not spec.resume:
-        (run_dir / checkpoint.METRICS).unlink(missing_ok=True)
-    config = run_config(spec, data)
-    checkpoint.write_config(run_dir, config)
-    _copy_tokenizer(data, run_dir)
+        state = LoopState()
+        weights = optimizer = None
+        if spec.resume:
+            weights, optimizer, saved = checkpoint.load_checkpoint(run_dir)
+            state = _loop_state(saved, run_dir)
+            checkpoint.check_weights(weights, cfg.param_shapes(),
+                                     checkpoint.checkpoint_dir(run_dir))
+        engine = make_engine(spec.engine, cfg, spec.optim, t.seed, weights, optimizer)
+        sampler = BatchSampler(train_tokens, t.batch_size, cfg.context_length, t.seed)
+        if state.sampler:
+            sampler.load_state_dict(state.sampler)
+        if not spec.resume:
+            (run_dir / checkpoint.METRICS).unlink(missing_ok=True)
+        config = run_config(spec, data)
+        checkpoint.write_config(run_dir, config)
+        _copy_tokenizer(data, run_dir)
 
-    # The matmul peak for MFU, measured once here, outside the budget.
-    peak_gflops = matmul_gflops(seconds=0.3) if spec.engine == "mlx" else numpy_matmul_gflops(0.3)
-    flops_per_token = cfg.flops_per_token()
-    tokens_per_step = t.batch_size * cfg.context_length
-    kind = t.budget_kind
-    schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac, t.schedule)
+        # The matmul peak for MFU, measured once here, outside the budget.
+        peak_gflops = (matmul_gflops(seconds=0.3) if spec.engine == "mlx"
+                       else numpy_matmul_gflops(0.3))
+        flops_per_token = cfg.flops_per_token()
+        tokens_per_step = t.batch_size * cfg.context_length
+        kind = t.budget_kind
+        schedule = Schedule(spec.optim.lr, t.warmup, t.decay, t.final_lr_frac, t.schedule)
 
-    reporter.start({
-        "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
-        "device": config["device"], "params": cfg.n_params, "model": cfg.to_dict(),
-        "budget": {"time": f"{t.minutes} min", "steps": f"{t.steps} steps",
-                   "tokens": f"{t.tokens} tokens"}[kind],
-        "resumed_at_step": state.step if spec.resume else None,
-        "train_tokens": len(train_tokens), "peak_gflops": peak_gflops, "prompt": DEFAULT_PROMPT,
-    })
+        reporter.start({
+            "run": run_dir.name, "run_dir": str(run_dir), "engine": spec.engine,
+            "device": config["device"], "params": cfg.n_params, "model": cfg.to_dict(),
+            "budget": {"time": f"{t.minutes} min", "steps": f"{t.steps} steps",
+                       "tokens": f"{t.tokens} tokens"}[kind],
+            "resumed_at_step": state.step if spec.resume else None,
+            "train_tokens": len(train_tokens), "peak_gflops": peak_gflops, "prompt": DEFAULT_PROMPT,
+        })
 
-    def log(record: dict[str, Any]) -> None:
-        checkpoint.append_metrics(run_dir, {"time": time.time(), **record})
+        def log(record: dict[str, Any]) -> None:
+            checkpoint.append_metrics(run_dir, {"time": time.time(), **record})
 
-    def save() -> None:
-        state.sampler = last_sampler_state
-        checkpoint.save_checkpoint(run_dir, engine.weights(), engine.optimizer_state(),
-                                   {"loop": asdict(state)})
+        def save() -> None:
+            state.sampler = last_sampler_state
+            checkpoint.save_checkpoint(run_dir, engine.weights(), engine.optimizer_state(),
+                                       {"loop": asdict(state)})
 
-    def periodic_eval() -> dict[str, Any]:
-        m = evaluate_split(engine, val_tokens, data.n_bytes("val"), cfg.context_length,
-                           t.batch_size, max_batches=t.eval_batches)
-        record = {"event": "eval", "step": state.step, "tokens": state.tokens,
-                  "elapsed": state.elapsed, "val_loss": m["loss"], "val_ppl": m["ppl"],
-                  "val_bpb": m["bpb"]}
-        log(record)
-        reporter.evaluation(record)
-        if t.sample_tokens > 0:
-            sample_text(engine, data, DEFAULT_PROMPT, t.sample_tokens, t.seed,
-                        reporter.sample_piece)
-        return record
+        def periodic_eval() -> dict[str, Any]:
+            m = evaluate_split(engine, val_tokens, data.n_bytes("val"), cfg.context_length,
+                               t.batch_size, max_batches=t.eval_batches)
+            record = {"event": "eval", "step": state.step, "tokens": state.tokens,
+                      "elapsed": state.elapsed, "val_loss": m["loss"], "val_ppl": m["ppl"],
+                      "val_bpb": m["bpb"]}
+            log(record)
+            reporter.evaluation(record)
+            if t.sample_tokens > 0:
+                sample_text(engine, data, DEFAULT_PROMPT, t.sample_tokens, t.seed,
+                            reporter.sample_piece)
+            return record
 
-    prefetch = Prefetcher(sampler)
-    last_sampler_state = sampler.state_dict() if not state.sampler else state.sampler
-    step_time, wait_total, lr = 0.0, 0.0, schedule(0.0)
-    window_tokens, window_time = 0, 0.0
-    next_eval = (math.floor(_progress(kind, t, state) / t.eval_every) + 1) * t.eval_every
-    last_save = time.monotonic()
-    last_report = 0.0
-    try:
-        with StopFlag() as stop:
+        if stop.signal is not None:
+            raise Interrupted("training interrupted before its first step (nothing new to save)")
+        prefetch = Prefetcher(sampler)
+        last_sampler_state = sampler.state_dict() if not state.sampler else state.sampler
+        step_time, wait_total, lr = 0.0, 0.0, schedule(0.0)
+        window_tokens, window_time = 0, 0.0
+        next_eval = (math.floor(_progress(kind, t, state) / t.eval_every) + 1) * t.eval_every
+        last_save = time.monotonic()
+        last_report = 0.0
+        try:
             if spec.resume:
                 reporter.message(f"resumed at step {state.step} "
                                  f"({state.elapsed:.0f}s of budget used)")
@@ -360,8 +367,8 @@ def _train_locked(spec: RunSpec, data: PreparedData, reporter: Reporter) -> dict
             if stop.signal is not None:  # Ctrl-C during the last step or the final save
                 raise Interrupted(f"training interrupted after its last step ({state.step}); "
                                   f"checkpoint saved in {run_dir}")
-    finally:
-        prefetch.close()
+        finally:
+            prefetch.close()
 
     # ----- after the budget: exact evaluation, sample, artefacts -------------------------------
     t_eval = time.perf_counter()
