@@ -39,16 +39,7 @@ import mlx_tinylm  # noqa: E402, F401  (sets up BLAS before MLX)
 from mlx_tinylm import train as training  # noqa: E402
 from mlx_tinylm.config import DEFAULT_PRESET, OptimConfig, TrainConfig  # noqa: E402
 from mlx_tinylm.dashboard import PlainLog  # noqa: E402
-from mlx_tinylm.engine import process_peak_rss_bytes  # noqa: E402
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now (Linux /proc); the peak where /proc is missing."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return process_peak_rss_bytes()
+from mlx_tinylm.engine import current_rss_bytes  # noqa: E402
 
 
 class SoakLog(PlainLog):

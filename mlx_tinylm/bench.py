@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .config import DEFAULT_PRESET, ModelConfig, OptimConfig, preset
+from .engine import reset_peak_rss
 from .errors import TinyLMError
 
 AGREEMENT_TOLERANCE = 1e-3
@@ -95,14 +96,6 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 1024)
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
 
 
 def _timed_loop(fn: Callable[[], Any], seconds: float, min_steps: int,
@@ -408,7 +401,7 @@ def _worker_main(name: str) -> None:
                 reply({"first_loss": float(loss), "first_step_s": first, "warmup_s": warm,
                        "versions": runner.versions(), "device": runner.device()})
             elif op == "train":
-                _reset_peak_rss()
+                reset_peak_rss()
                 times = _timed_loop(runner.train_step, cmd["seconds"], cmd["min_steps"])
                 reply({"times": times, "peak_rss_mb": _rss_mb("VmHWM") - base_rss})
             elif op == "forward":

@@ -103,9 +103,9 @@ def plan(
     console = Console(stderr=True)
 
     def progress(i: int, n: int, cfg: object) -> None:
-        if not as_json:
+        if not as_json:  # one line rewritten in place on a terminal; a line each elsewhere
             console.print(f"measuring {i + 1}/{n}: d_model {cfg.d_model}, "  # type: ignore
-                          f"{cfg.n_layers} layers", end="\r")  # type: ignore
+                          f"{cfg.n_layers} layers", end="\r" if console.is_terminal else "\n")
 
     planner.check_budget(minutes)  # before minutes of measuring
     law = planner.LossLaw.load()
@@ -135,9 +135,9 @@ def _print_plan(result: dict) -> None:
                       format_count(r["tokens"]), f"{r['tokens_per_param']:.1f}",
                       f"{r['memory_bytes'] / 2**20:,.0f} MiB" + ("" if r["fits"] else " ✗"),
                       f"{r['predicted_bpb']:.3f}", style=mark)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)  # keep rows whole in a pipe
     console.print(table)
-    console.print(f"pick: [bold]{result['command']}[/bold]")
+    console.print(f"pick: [bold]{result['command']}[/bold]", soft_wrap=True)
 
 
 @app.command()

@@ -22,6 +22,13 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
 BYTES_PER_PARAM_TRAINING = 16  # fp32 weights + grads + AdamW m and v
 FLOAT_BYTES = 4
+# The fast NumPy engine (fastnp.py) keeps a flat copy of the weights, AdamW m, v and a
+# temporary, and a gradient per worker thread (two): 6 floats a parameter. (Its scratch gradients
+# are touched only when a thread takes a second share of the batch, which two threads never do.)
+NUMPY_BYTES_PER_PARAM = 24
+NUMPY_WORKERS = 2
+ATTN_BLOCK = 128  # fastnp: query rows per causal attention block
+HEAD_CHUNK_BYTES = 8 << 20  # fastnp: logits chunk of the head + cross-entropy
 
 
 class ConfigError(TinyLMError, ValueError):
@@ -163,8 +170,10 @@ class ModelConfig:
         head = self.vocab_size * self.d_model
         return 6 * (self.n_non_embedding_params + head) + 12 * self.n_layers * t * self.d_model
 
-    def activation_bytes(self, batch_size: int, context: int | None = None) -> int:
-        """Rough float32 activations kept for the backward pass of one batch.
+    def activation_bytes(self, batch_size: int, context: int | None = None,
+                         engine: str = "mlx") -> int:
+        """Rough float32 activations kept for the backward pass of one batch (MLX), or the fast
+        NumPy engine's preallocated buffers (`engine="numpy"`).
 
         Per token and layer: residual, two norm outputs, q, k, v, attention output and the o_proj
         input (~10·d), the MLP intermediates (~3·hidden), and attention scores and probabilities
@@ -172,13 +181,36 @@ class ModelConfig:
         gradient (3·vocab) per token at the head.
         """
         t = self.context_length if context is None else context
+        if engine == "numpy":
+            return self._numpy_buffer_bytes(batch_size, t)
         per_layer = 10 * self.d_model + 3 * self.hidden + 2 * self.n_heads * t
         per_token = self.n_layers * per_layer + 3 * self.vocab_size
         return FLOAT_BYTES * batch_size * t * per_token
 
-    def training_memory_bytes(self, batch_size: int, context: int | None = None) -> int:
-        """Estimated training memory: 16 bytes/param (weights, grads, Adam m, v) + activations."""
-        return BYTES_PER_PARAM_TRAINING * self.n_params + self.activation_bytes(batch_size, context)
+    def _numpy_buffer_bytes(self, batch_size: int, t: int) -> int:
+        """fastnp.py's buffers: per layer the forward values its backward reads; temporaries
+        shared by the layers; attention probabilities in causal blocks (each query row holds
+        the keys up to its block's end); the head and cross-entropy in chunks of rows."""
+        d, h, heads = self.d_model, self.hidden, self.n_heads
+        up = 2 * h if self.mlp == "swiglu" else h
+        per_layer = 8 * d + 2 + up + h + (2 * h if self.mlp == "swiglu" else 0)
+        shared = 15 * d + up + h + heads + 2
+        probs = heads * sum((min(s + ATTN_BLOCK, t) - s) * min(s + ATTN_BLOCK, t)
+                            for s in range(0, t, ATTN_BLOCK))  # per sequence and layer
+        floats = (batch_size * t * (self.n_layers * per_layer + shared)
+                  + batch_size * (self.n_layers + 1) * probs)  # +1: their gradient
+        head = NUMPY_WORKERS * (HEAD_CHUNK_BYTES + FLOAT_BYTES * self.vocab_size * d)
+        return FLOAT_BYTES * floats + head
+
+    def training_memory_bytes(self, batch_size: int, context: int | None = None,
+                              engine: str = "mlx") -> int:
+        """Estimated training memory on `engine` ('mlx', 'numpy', or 'auto' for the larger):
+        weights, gradients and AdamW state (16 bytes a parameter on MLX, 24 on NumPy) plus
+        activations."""
+        if engine not in ("mlx", "numpy"):  # 'auto' or not yet chosen: the larger need
+            return max(self.training_memory_bytes(batch_size, context, e) for e in ("mlx", "numpy"))
+        per_param = NUMPY_BYTES_PER_PARAM if engine == "numpy" else BYTES_PER_PARAM_TRAINING
+        return per_param * self.n_params + self.activation_bytes(batch_size, context, engine)
 
     # ----- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

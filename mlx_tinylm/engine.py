@@ -10,6 +10,7 @@ names), so checkpoints are interchangeable between engines.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from typing import Protocol
@@ -42,9 +43,34 @@ class Engine(Protocol):
 
 
 def process_peak_rss_bytes() -> int:
-    """Peak resident memory of this process."""
+    """Peak resident memory of this process (since the last `reset_peak_rss` on Linux)."""
+    try:
+        with open("/proc/self/status") as f:  # VmHWM: the peak that clear_refs resets
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start measuring the peak anew from the current resident memory (Linux; else a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (Linux /proc); the peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return process_peak_rss_bytes()
 
 
 class MlxEngine:

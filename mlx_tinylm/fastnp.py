@@ -41,11 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ModelConfig, OptimConfig
+# ATTN_BLOCK: query rows per causal attention block; HEAD_CHUNK_BYTES: logits chunk of the
+# head + cross-entropy (512 rows at vocab 4096). In config.py, whose memory estimate counts them.
+from .config import ATTN_BLOCK, HEAD_CHUNK_BYTES, ModelConfig, OptimConfig
 
 F32 = np.float32
-ATTN_BLOCK = 128  # query rows per causal attention block
-HEAD_CHUNK_BYTES = 8 << 20  # logits chunk for head + cross-entropy (512 rows at vocab 4096)
 ACT_ROWS = 128  # SwiGLU elementwise work in row chunks that fit in L2
 SHARES_PER_WORKER = 2  # batch shares per thread, handed out as threads become free
 RESIDUAL_PROJECTIONS = ("o_proj", "down_proj")

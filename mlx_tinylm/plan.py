@@ -198,7 +198,7 @@ def measure_grid(engine: str = "auto", vocab_size: int = 4096,
     for i, (cfg, batch) in enumerate(grid):
         if progress is not None:
             progress(i, len(grid), cfg)
-        mem = cfg.training_memory_bytes(batch)
+        mem = cfg.training_memory_bytes(batch, engine=engine)
         fits = not available or mem <= available
         tok_s = measure_throughput(cfg, batch, engine, seconds_per_shape) if fits else 0.0
         shapes.append({"config": cfg.to_dict(), "batch_size": batch, "tok_s": tok_s,
@@ -323,7 +323,7 @@ def check_size(params: float, tokens: float, batch_size: int = TrainConfig.batch
     check_measuring(seconds, batch_size)
     cfg = shape_for_params(params, vocab_size)
     available = available_memory_bytes()
-    mem = cfg.training_memory_bytes(batch_size)
+    mem = cfg.training_memory_bytes(batch_size, engine=engine)
     fits = mem <= available
     flops = cfg.flops_per_token() * tokens
     result: dict[str, Any] = {
@@ -387,6 +387,7 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     from .config import TrainConfig
     from .config import preset as get_preset
     from .dashboard import PlainLog
+    from .engine import current_rss_bytes, process_peak_rss_bytes, reset_peak_rss
     from .train import build_spec, train
 
     for name in presets:
@@ -398,6 +399,9 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
     except OSError as err:
         raise TinyLMError(f"cannot create the sweep folder {out} ({err.strerror or err}); "
                           "choose another --out") from None
+    # The process before any training: what each size adds to it is what the estimate predicts
+    # (memory freed by a smaller size stays with the process, and a larger one reuses it).
+    baseline = current_rss_bytes()
     rows = []
     for name in presets:
         spec = build_spec(data, preset=name, overrides={}, optim=OptimConfig(),
@@ -405,12 +409,17 @@ def run_sweep(minutes: float | None, presets: list[str], data: Any, out: Path, s
                                                 sample_tokens=0, engine=engine),
                           out=out / name)
         reporter = progress if progress is not None else PlainLog(every_s=30.0)
+        reset_peak_rss()  # each size's own peak, not the largest so far in this process
         summary = train(spec, data, reporter)
+        train_mem = process_peak_rss_bytes() - baseline
         rows.append({"preset": name, "params": summary["params"], "tokens": summary["tokens"],
                      "tokens_per_param": summary["tokens_per_param"], "tok_s": summary["tok_s"],
                      "val_bpb": summary["val_bpb"], "val_loss": summary["val_loss"],
                      "peak_mem": summary["peak_mem"], "engine": summary["engine"],
-                     "memory_estimate": spec.model.training_memory_bytes(spec.train.batch_size)})
+                     # what training added to the process: the estimate's measured counterpart
+                     "train_mem": train_mem,
+                     "memory_estimate": spec.model.training_memory_bytes(
+                         spec.train.batch_size, engine=spec.engine)})
     result = {"minutes": minutes, "tokens": tokens, "date": date.today().isoformat(), "rows": rows,
               "best": min(rows, key=lambda r: r["val_bpb"])}
     if fit:

@@ -544,7 +544,7 @@ def build_spec(data: PreparedData, *, preset: str, overrides: dict[str, Any], op
     else:
         base = get_preset(preset)
     model = base.with_(vocab_size=data.tokenizer.vocab_size, **changes)
-    needed = model.training_memory_bytes(train_cfg.batch_size)
+    needed = model.training_memory_bytes(train_cfg.batch_size, engine=train_cfg.engine)
     available = available_memory_bytes()
     if available and needed > available and not force:
         raise TinyLMError(f"this model needs about {needed / 2**30:.1f} GiB to train but "

@@ -28,12 +28,25 @@ def test_plan_on_a_tiny_grid_is_well_formed_and_picks_the_best_prediction():
     assert plan["command"].startswith("tinylm train --minutes 0.5 --d-model ")
 
 
-def test_memory_estimate_grows_with_model_size():
+@pytest.mark.parametrize("engine", ["mlx", "numpy"])
+def test_memory_estimate_grows_with_model_size(engine):
     sizes = sorted(PRESETS.values(), key=lambda c: c.n_params)
-    mems = [c.training_memory_bytes(32) for c in sizes]
+    mems = [c.training_memory_bytes(32, engine=engine) for c in sizes]
     assert mems == sorted(mems) and len(set(mems)) == len(mems)
     base = ModelConfig()
-    assert base.training_memory_bytes(64) > base.training_memory_bytes(32)
+    assert base.training_memory_bytes(64, engine=engine) > base.training_memory_bytes(32,
+                                                                                      engine=engine)
+    assert base.training_memory_bytes(32, context=512, engine=engine) > base.training_memory_bytes(
+        32, engine=engine)
+
+
+def test_memory_estimate_before_the_engine_is_chosen_is_the_larger_one():
+    small, big = PRESETS["nano"], PRESETS["base"]
+    for cfg in (small, big):
+        both = [cfg.training_memory_bytes(16, engine=e) for e in ("mlx", "numpy")]
+        assert cfg.training_memory_bytes(16, engine="auto") == max(both)
+    # the NumPy engine's head works in row chunks: far less than MLX's full logits at a large batch
+    assert small.training_memory_bytes(64, engine="numpy") < small.training_memory_bytes(64)
 
 
 def test_impossible_size_is_answered_does_not_fit_with_numbers():
