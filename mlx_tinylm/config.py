@@ -366,12 +366,17 @@ PRESETS: dict[str, ModelConfig] = {
 DEFAULT_PRESET = "tiny"
 
 
+def _named(table: dict[str, Any], kind: str, name: str) -> Any:
+    """table[name]; a ConfigError listing the choices for an unknown name."""
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}") from None
+
+
 def preset(name: str) -> ModelConfig:
     """The named preset; a ConfigError listing the choices for an unknown name."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+    return _named(PRESETS, "preset", name)
 
 
 def preset_summary(name: str, batch_size: int | None = None) -> dict[str, Any]:
@@ -434,10 +439,7 @@ DEFAULT_RECIPE = "default"
 
 def recipe(name: str) -> Recipe:
     """The named recipe; a ConfigError listing the choices for an unknown name."""
-    try:
-        return RECIPES[name]
-    except KeyError:
-        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+    return _named(RECIPES, "recipe", name)
 
 
 def format_count(n: float) -> str:

@@ -56,13 +56,8 @@ class RMSNorm(nn.Module):
         return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(RMSNorm):
     """LayerNorm with a gain and no bias (nanoGPT's bias=False)."""
-
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(x, self.weight, None, self.eps)

@@ -120,26 +120,17 @@ class RMSNorm:
         return r * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
 
 
-class LayerNorm:
-    """y = (x - mean(x)) / sqrt(var(x) + eps) · weight (a gain, no bias)."""
-
-    def __init__(self, name: str, eps: float):
-        self.name = f"{name}.weight"
-        self.eps = eps
+class LayerNorm(RMSNorm):
+    """y = (x - mean(x)) / sqrt(var(x) + eps) · weight (a gain, no bias): RMSNorm of the
+    centred input."""
 
     def forward(self, w: Params, x: np.ndarray) -> tuple[np.ndarray, Cache]:
-        centred = x - np.mean(x, axis=-1, keepdims=True)
-        r = 1 / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
-        xhat = centred * r
-        return xhat * w[self.name], (xhat, r)
+        return super().forward(w, x - np.mean(x, axis=-1, keepdims=True))
 
     def backward(self, w: Params, dy: np.ndarray, cache: Cache, grads: Params) -> np.ndarray:
-        xhat, r = cache
-        _accumulate(grads, self.name, (dy * xhat).reshape(-1, xhat.shape[-1]).sum(axis=0))
-        dxhat = dy * w[self.name]
-        # The mean and the scale both depend on x: remove dxhat's mean and its part along xhat.
-        return r * (dxhat - np.mean(dxhat, axis=-1, keepdims=True)
-                    - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+        # Centring is linear: its backward removes the mean of the gradient it receives.
+        dc = super().backward(w, dy, cache, grads)
+        return dc - np.mean(dc, axis=-1, keepdims=True)
 
 
 def make_norm(cfg: ModelConfig, name: str) -> RMSNorm | LayerNorm:
